@@ -1,0 +1,39 @@
+"""RMSNorm and the output-gated RMSNorm used by Mamba2, Gated DeltaNet and Titans."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim (Zhang & Sennrich 2019), computed in fp32 for stability."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.to(y.dtype)
+        return y.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """y = RMSNorm(x) * SiLU(z) (norm before gate, as Gated DeltaNet / Titans; Mamba2's
+    ``norm_before_gate=False`` variant normalises x * SiLU(z) instead)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, norm_before_gate: bool = True) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, eps=eps)
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        if self.norm_before_gate:
+            return self.norm(x) * F.silu(z)
+        return self.norm(x * F.silu(z))
