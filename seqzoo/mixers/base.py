@@ -25,10 +25,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from seqzoo.errors import SeqzooError
+
 State = Any  # a NamedTuple / frozen dataclass of tensors (and ints), one per mixer
 
 
-class ConfigError(ValueError):
+class ConfigError(SeqzooError, ValueError):
     """A hyper-parameter that cannot work. ``key`` is the dotted path of the culprit."""
 
     def __init__(self, key: str, message: str) -> None:

@@ -1,0 +1,1 @@
+"""Loading weights from other libraries (mamba-ssm, ...) into seqzoo mixers."""

@@ -1,0 +1,5 @@
+"""Models built from recipes."""
+
+from seqzoo.models.lm import LanguageModel
+
+__all__ = ["LanguageModel"]

@@ -1,0 +1,188 @@
+"""Gated linear attention (Yang, Wang, Shen, Panda, Kim 2024, "Gated Linear Attention
+Transformers with Hardware-Efficient Training") and its scalar-gate special case.
+
+Per head, with the state S in R^{K x V} and log gates g (so alpha = exp(g) in (0, 1]):
+
+    gla:         S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t,   g_t in R^K   (paper eq. 3)
+    simple_gla:  S_t = exp(g_t) S_{t-1} + k_t^T v_t,         g_t a scalar (Mamba2 / Gated RetNet)
+    o_t = (scale * q_t) S_t
+
+Layout (B, T, H, D), gates g: (B, T, H, K) for gla and (B, T, H) for simple_gla, states
+(B, H, K, V). Every op returns ``(o, final_state)``; final_state is None unless asked for.
+
+Each op has a readable per-token recurrent form and a chunked form (paper sec. 4.2-4.3).
+The chunked GLA form uses the paper's secondary chunking: inside a chunk, blocks between
+two different sub-chunks are matmuls against a reference point between them (every exponent
+<= 0), and only the diagonal sub-chunk blocks are computed elementwise in log space, so no
+exp(-cumsum) ever overflows, whatever the gates.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from seqzoo.ops.chunking import decay_matrix, from_chunks, scan_chunk_states, to_chunks
+
+SUB_CHUNK = 16  # secondary chunk length of the chunked GLA form (paper sec. 4.3)
+
+
+def _upcast(*xs: Tensor) -> tuple[Tensor, ...]:
+    """Half-precision inputs are computed in fp32 (cumulative log gates need the range)."""
+    return tuple(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs)
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, gate_dims: int) -> None:
+    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k: (B, T, H, K), v: (B, T, H, V); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    expected = q.shape if gate_dims == 4 else q.shape[:3]
+    if g.shape != expected:
+        raise ValueError(f"expected g of shape {tuple(expected)}, got {tuple(g.shape)}")
+
+
+# -- one token ------------------------------------------------------------------------------
+def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, *,
+             scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """One token of the recurrence. q, k, g: (B, H, K), v: (B, H, V), state: (B, H, K, V).
+    g may also be (B, H) (a scalar gate per head). Returns o: (B, H, V) and the new state."""
+    decay = g.exp()[..., None] if g.ndim == 3 else g.exp()[..., None, None]  # (B, H, K|1, 1)
+    state = decay * state + k[..., :, None] * v[..., None, :]  # (B, H, K, V)
+    o = torch.einsum("bhk,bhkv->bhv", q * _scale(q, scale), state)
+    return o, state
+
+
+def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, initial_state: Tensor | None,
+               output_final_state: bool, scale: float | None) -> tuple[Tensor, Tensor | None]:
+    dtype = v.dtype
+    q, k, v, g = _upcast(q, k, v, g)
+    b, t, h, dk = q.shape
+    state = (initial_state.to(q.dtype) if initial_state is not None
+             else q.new_zeros(b, h, dk, v.shape[-1]))
+    outs = []
+    for i in range(t):
+        o, state = gla_step(q[:, i], k[:, i], v[:, i], g[:, i], state, scale=scale)
+        outs.append(o)
+    o = torch.stack(outs, 1) if outs else v.new_zeros(b, 0, h, v.shape[-1])  # (B, T, H, V)
+    return o.to(dtype), (state.to(dtype) if output_final_state else None)
+
+
+def gla_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, initial_state: Tensor | None = None,
+                  output_final_state: bool = False, scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-token loop of GLA (paper eq. 3). g: (B, T, H, K) log gates."""
+    _check(q, k, v, g, 4)
+    return _recurrent(q, k, v, g, initial_state=initial_state,
+                      output_final_state=output_final_state, scale=scale)
+
+
+def simple_gla_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, initial_state: Tensor | None = None,
+                         output_final_state: bool = False,
+                         scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-token loop of scalar-gated linear attention. g: (B, T, H) log gates."""
+    _check(q, k, v, g, 3)
+    return _recurrent(q, k, v, g, initial_state=initial_state,
+                      output_final_state=output_final_state, scale=scale)
+
+
+# -- chunked forms --------------------------------------------------------------------------
+def simple_gla_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int = 64,
+                       initial_state: Tensor | None = None, output_final_state: bool = False,
+                       scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise form of scalar-gated linear attention (RetNet's chunkwise retention with a
+    data-dependent decay; Sun et al. 2023 eq. 7). g: (B, T, H) log gates."""
+    _check(q, k, v, g, 3)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dtype = v.dtype
+    q, k, v, g = _upcast(q, k, v, g)
+    t = q.shape[1]
+    qc, kc, vc = (to_chunks(z, chunk_size) for z in (q * _scale(q, scale), k, v))  # (B, H, N, C, *)
+    b = to_chunks(g, chunk_size).cumsum(-1)  # (B, H, N, C): log decay from chunk start
+    b_last = b[..., -1:]  # (B, H, N, 1)
+    # Intra-chunk: (Q K^T ⊙ D) V with D_ij = exp(b_i - b_j), j <= i.
+    scores = (qc @ kc.transpose(-1, -2)) * decay_matrix(b)  # (B, H, N, C, C)
+    o = scores @ vc  # (B, H, N, C, V)
+    # Inter-chunk: each chunk adds its keys decayed to the chunk end; queries read the
+    # state entering the chunk, decayed to their position. Every exponent is <= 0.
+    update = (kc * (b_last - b).exp()[..., None]).transpose(-1, -2) @ vc  # (B, H, N, K, V)
+    states, final = scan_chunk_states(b_last.exp()[..., None], update, initial_state)
+    o = o + (qc * b.exp()[..., None]) @ states
+    return from_chunks(o, t).to(dtype), (final.to(dtype) if output_final_state else None)
+
+
+def _sub_chunk(chunk_size: int, sub_chunk_size: int | None) -> int:
+    """The largest divisor of C not above ``sub_chunk_size`` (default SUB_CHUNK)."""
+    limit = min(chunk_size, sub_chunk_size or SUB_CHUNK)
+    return max(d for d in range(1, limit + 1) if chunk_size % d == 0)
+
+
+def gla_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int = 64,
+                initial_state: Tensor | None = None, output_final_state: bool = False,
+                scale: float | None = None, sub_chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise GLA with secondary chunking (paper sec. 4.3). g: (B, T, H, K) log gates.
+
+    Inside a chunk, with b the in-chunk cumulative log gates, the score of query i on key
+    j <= i is sum_k q_ik k_jk exp(b_ik - b_jk). For j in sub-chunk J and i in a later sub-chunk
+    I this is a matmul of q_i exp(b_i - r_J) and k_j exp(r_J - b_j), r_J = b at the end of J,
+    both exponents <= 0; diagonal sub-chunk blocks use the exact elementwise form.
+    """
+    _check(q, k, v, g, 4)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dtype = v.dtype
+    q, k, v, g = _upcast(q, k, v, g)
+    t = q.shape[1]
+    c = _sub_chunk(chunk_size, sub_chunk_size)
+    m = chunk_size // c
+    qc, kc, vc = (to_chunks(z, chunk_size) for z in (q * _scale(q, scale), k, v))  # (B, H, N, C, *)
+    b = to_chunks(g, chunk_size).cumsum(-2)  # (B, H, N, C, K): log decay from chunk start
+    b_last = b[..., -1:, :]  # (B, H, N, 1, K)
+
+    # Off-diagonal sub-chunk blocks (query sub-chunk I after key sub-chunk J).
+    qs, ks, bs = (rearrange(z, "b h n (m c) k -> b h n m c k", c=c) for z in (qc, kc, b))  # (B, H, N, m, c, K)
+    ref = bs[..., -1, :]  # (B, H, N, m, K): r_J
+    k_ref = ks * (ref[..., None, :] - bs).exp()  # (B, H, N, J, c, K)
+    later = torch.ones(m, m, dtype=torch.bool, device=q.device).tril(-1)  # (I, J): I > J
+    expo = bs[..., :, None, :, :] - ref[..., None, :, None, :]  # (B, H, N, I, J, c, K)
+    expo = expo.masked_fill(~later[:, :, None, None], float("-inf"))
+    q_ref = qs[..., :, None, :, :] * expo.exp()  # (B, H, N, I, J, c, K)
+    scores = torch.einsum("bhnijck,bhnjdk->bhnicjd", q_ref, k_ref)  # (B, H, N, I, c, J, c)
+    # Diagonal blocks, exact: sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i inside the block.
+    diff = bs[..., :, None, :] - bs[..., None, :, :]  # (B, H, N, m, c, c, K)
+    inside = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    diff = diff.masked_fill(~inside[:, :, None], float("-inf"))
+    diag = (qs[..., :, None, :] * ks[..., None, :, :] * diff.exp()).sum(-1)  # (B, H, N, m, c, c)
+    eye = torch.eye(m, dtype=q.dtype, device=q.device)
+    scores = scores + torch.einsum("bhnicd,ij->bhnicjd", diag, eye)
+    scores = rearrange(scores, "b h n i c j d -> b h n (i c) (j d)")  # (B, H, N, C, C)
+    o = scores @ vc  # (B, H, N, C, V)
+
+    # Inter-chunk state passing, as in simple_gla but with a decay per key dim.
+    update = (kc * (b_last - b).exp()).transpose(-1, -2) @ vc  # (B, H, N, K, V)
+    decay = rearrange(b_last.exp(), "b h n 1 k -> b h n k 1")  # (B, H, N, K, 1)
+    states, final = scan_chunk_states(decay, update, initial_state)
+    o = o + (qc * b.exp()) @ states
+    return from_chunks(o, t).to(dtype), (final.to(dtype) if output_final_state else None)
+
+
+# -- public ops -----------------------------------------------------------------------------
+def gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int = 64,
+        initial_state: Tensor | None = None, output_final_state: bool = False,
+        scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """Gated linear attention, chunked reference form. q, k, g: (B, T, H, K), g = log alpha,
+    v: (B, T, H, V); initial_state: (B, H, K, V). Returns (o: (B, T, H, V), final state)."""
+    return gla_chunked(q, k, v, g, chunk_size=chunk_size, initial_state=initial_state,
+                       output_final_state=output_final_state, scale=scale)
+
+
+def simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int = 64,
+               initial_state: Tensor | None = None, output_final_state: bool = False,
+               scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """Scalar-gated linear attention, chunked reference form. g: (B, T, H) log gates."""
+    return simple_gla_chunked(q, k, v, g, chunk_size=chunk_size, initial_state=initial_state,
+                              output_final_state=output_final_state, scale=scale)

@@ -1,0 +1,103 @@
+"""Byte-level language modelling on local text files.
+
+Default corpus: the Python standard library's own source files, found through
+``sysconfig`` — present on every machine, no network. Any file or directory of .py / .txt /
+.md files can be named instead. The held-out split is by file (a stable hash of the
+relative path), so evaluation never sees a file that training saw. Reported in
+bits-per-byte (loss in nats / ln 2).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sysconfig
+import zlib
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from seqzoo.errors import SeqzooError
+from seqzoo.tasks.base import Task, TaskConfig, register_task
+
+SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+class ByteLMConfig(TaskConfig):
+    path: str | None = Field(None, description="file or directory; default: the Python stdlib source")
+    eval_percent: float = Field(5.0, gt=0, lt=100, description="share of files held out")
+    max_bytes: int = Field(16_000_000, ge=1024, description="cap on the corpus read into memory")
+
+
+def default_corpus() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@register_task
+class ByteLM(Task):
+    name = "bytes"
+    Config = ByteLMConfig
+    metrics = ("bpb", "loss", "accuracy")
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def _files(self) -> list[Path]:
+        root = Path(self.config.path).expanduser() if self.config.path else default_corpus()
+        if not root.exists():
+            raise SeqzooError(f"task.path: {root} does not exist; expected a file or directory of text files")
+        if root.is_file():
+            return [root]
+        files = sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise SeqzooError(f"task.path: no {'/'.join(SUFFIXES)} files under {root}")
+        return files
+
+    @cached_property
+    def splits(self) -> dict[str, Tensor]:
+        files = self._files()
+        random.Random(self.config.seed).shuffle(files)  # the byte cap then samples all dirs
+        root = Path(self.config.path or default_corpus())
+        held_out, train = [], []
+        budget = {"train": self.config.max_bytes, "eval": max(1024, self.config.max_bytes // 10)}
+        for f in files:
+            rel = str(f.relative_to(root)) if f != root else f.name
+            is_eval = zlib.crc32(rel.encode()) % 10_000 < self.config.eval_percent * 100
+            if len(files) == 1:  # a single file: hold out its tail instead
+                data = f.read_bytes()
+                cut = int(len(data) * (1 - self.config.eval_percent / 100))
+                return {"train": _as_tensor(data[:cut]), "eval": _as_tensor(data[cut:])}
+            split, bucket = ("eval", held_out) if is_eval else ("train", train)
+            if budget[split] <= 0:
+                continue
+            try:
+                data = f.read_bytes()[: budget[split]]
+            except OSError:
+                continue
+            budget[split] -= len(data) + 1
+            bucket.append(data)
+        out = {"train": _as_tensor(b"\n".join(train)), "eval": _as_tensor(b"\n".join(held_out))}
+        for split, data in out.items():
+            if data.numel() < self.config.seq_len + 2:
+                raise SeqzooError(f"task.path: the {split} split holds {data.numel()} bytes, fewer than seq_len+2")
+        return out
+
+    def make_batch(self, generator: torch.Generator, batch_size: int, *, split: str,
+                   seq_len: int | None = None) -> tuple[Tensor, Tensor]:
+        t = seq_len or self.config.seq_len
+        data = self.splits[split]
+        starts = torch.randint(0, data.numel() - t - 1, (batch_size,), generator=generator)
+        idx = starts[:, None] + torch.arange(t + 1)  # (B, T+1)
+        window = data[idx].long()
+        return window[:, :-1], window[:, 1:]
+
+    def report(self, loss: float, accuracy: float) -> dict[str, float]:
+        return {"bpb": loss / math.log(2), "loss": loss, "accuracy": accuracy}
+
+
+def _as_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)

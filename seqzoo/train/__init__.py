@@ -1,0 +1,5 @@
+"""The one training harness every model goes through."""
+
+from seqzoo.train.loop import TrainResult, train
+
+__all__ = ["TrainResult", "train"]

@@ -1,0 +1,61 @@
+"""Metrics as JSON lines (one record per log event) and PNG plots of the curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records logged after the checkpoint, so none appear twice."""
+        kept = [r for r in self.records() if r.get("step", -1) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -> Path | None:
+    """Training loss and every eval metric against the step; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "eval"]
+    if not train:
+        return None
+    eval_keys = [k for k in (evals[0] if evals else {}) if k not in ("step", "split", "seq_len")]
+    fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4.5 * (1 + len(eval_keys)), 3.5))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set(xlabel="step", ylabel="train loss (nats/token)", title=title or "training loss")
+    for ax, key in zip(axes[1:], eval_keys):
+        ax.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o")
+        ax.set(xlabel="step", ylabel=f"eval {key}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
