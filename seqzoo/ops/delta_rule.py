@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["chunk_delta_rule", "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_step"]
+__all__ = ["chunk_delta_rule", "unit_lower_inverse", "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_step"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -84,11 +84,32 @@ def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *,
                       output_final_state=output_final_state, scale=scale)
 
 
+def unit_lower_inverse(m: Tensor, *, leaf: int = 16) -> Tensor:
+    """Inverse of a batch of unit lower-triangular matrices m: (..., C, C).
+
+    Recursive 2×2 block inversion, [[L11, 0], [L21, L22]]⁻¹ = [[L11⁻¹, 0], [−L22⁻¹ L21 L11⁻¹, L22⁻¹]],
+    with ``torch.linalg.solve_triangular`` on the diagonal blocks of at most ``leaf`` rows:
+    on CPU batched matmuls are several times faster per flop than batched small triangular
+    solves, and the inverse (C×C) is cheaper to apply to both right-hand sides than solving
+    for their K + V columns.
+    """
+    c = m.shape[-1]
+    if c <= leaf:
+        eye = torch.eye(c, dtype=m.dtype, device=m.device).expand_as(m)
+        return torch.linalg.solve_triangular(m, eye, upper=False, unitriangular=True)
+    h = c // 2
+    inv11 = unit_lower_inverse(m[..., :h, :h], leaf=leaf)
+    inv22 = unit_lower_inverse(m[..., h:, h:], leaf=leaf)
+    inv21 = -(inv22 @ m[..., h:, :h]) @ inv11
+    return torch.cat([F.pad(inv11, (0, c - h)), torch.cat([inv21, inv22], -1)], -2)
+
+
 def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
                      chunk_size: int = 64, initial_state: Tensor | None = None,
                      output_final_state: bool = False,
                      scale: float | None = None) -> tuple[Tensor, Tensor | None]:
-    """Chunked (gated) delta rule through the UT transform (Yang et al. 2024, section 3).
+    """Chunked (gated) delta rule through the UT transform (Yang et al. 2024, section 3;
+    with decay as in Gated DeltaNet, Yang, Kautz & Hatamizadeh 2024, section 3.3).
 
     Inside a chunk of C tokens starting from state S_0, with γ_t = Σ_{s≤t} g_s (0 without
     gates), the pseudo-values u_t of the recurrence satisfy the unit lower-triangular system
@@ -97,8 +118,8 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
 
     i.e. (I + A) U = diag(β) V − diag(β e^γ) K S_0, so U = U⁰ − W S_0 with
     U⁰ = (I + A)⁻¹ diag(β) V and W = (I + A)⁻¹ diag(β e^γ) K (the UT / WY representation).
-    Every chunk's A, U⁰ and W come from one batched triangular solve; only the K×V state is
-    carried chunk to chunk:
+    A, U⁰ and W of every chunk come from batched matmuls; only the K×V state is carried
+    from chunk to chunk:
 
         U  = U⁰ − W S_0,
         O  = diag(e^γ) Q S_0 + (Q Kᵀ ⊙ M) U,       M_{ts} = e^{γ_t−γ_s} [s ≤ t],
@@ -115,53 +136,50 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | 
     scale = dk ** -0.5 if scale is None else scale
     dtype, out_dtype = _compute_dtype(q), v.dtype
     q, k, v, beta = (z.to(dtype) for z in (q, k, v, beta))
+    state = initial_state.to(dtype) if initial_state is not None else q.new_zeros(b, h, dk, dv)  # (B, H, K, V)
     if t == 0:
-        state = initial_state.to(dtype) if initial_state is not None else q.new_zeros(b, h, dk, dv)
         return v.new_zeros(b, 0, h, dv).to(out_dtype), (state if output_final_state else None)
-    c = min(chunk_size, t)  # a chunk longer than the sequence only adds padding
+    c = min(chunk_size, t)  # a chunk longer than the sequence would only add padding
     pad = (-t) % c
     if pad:
         q, k, v = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (q, k, v))
         beta = F.pad(beta, (0, 0, 0, pad))
-    q, k, v = (rearrange(z, "b (n c) h d -> b h n c d", c=c) for z in (q, k, v))  # (B, H, N, C, D)
-    beta = rearrange(beta, "b (n c) h -> b h n c", c=c)  # (B, H, N, C)
-    n = q.shape[2]
-    q = q * scale
-    k_beta = k * beta[..., None]  # (B, H, N, C, K)
-
+    # contiguous once: every matmul below reads these chunk by chunk
+    q = rearrange(q * scale, "b (n c) h d -> b h n c d", c=c).contiguous()  # (B, H, N, C, K)
+    k = rearrange(k, "b (n c) h d -> b h n c d", c=c).contiguous()  # (B, H, N, C, K)
+    v = rearrange(v, "b (n c) h d -> b h n c d", c=c)  # (B, H, N, C, V)
+    beta = rearrange(beta, "b (n c) h -> b h n c 1", c=c)  # (B, H, N, C, 1)
+    k_t = k.transpose(-1, -2)  # (B, H, N, K, C)
+    k_beta = k * beta  # (B, H, N, C, K)
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # s ≤ t
-    strict = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1)  # s < t
     if g is not None:
-        g = g.to(dtype)
-        if pad:
-            g = F.pad(g, (0, 0, 0, pad))
+        g = F.pad(g.to(dtype), (0, 0, 0, pad)) if pad else g.to(dtype)
         gamma = rearrange(g, "b (n c) h -> b h n c", c=c).cumsum(-1)  # (B, H, N, C)
         decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, H, N, C, C)
-        gamma_exp = gamma.exp()[..., None]  # (B, H, N, C, 1)
-        to_end = (gamma[..., -1:] - gamma).exp()[..., None]  # (B, H, N, C, 1): e^{γ_C−γ_t}
+        gamma_exp = gamma.exp()[..., None]  # (B, H, N, C, 1): e^{γ_t}
+        a = (k_beta @ k_t) * decay
+        scores = (q @ k_t) * decay  # upper triangle already 0
+        w_rhs = k_beta * gamma_exp
+        q_inter = q * gamma_exp
+        k_inter = k * (gamma[..., -1:] - gamma).exp()[..., None]  # e^{γ_C−γ_t} k_t
         chunk_decay = gamma[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1): e^{γ_C}
-        a = (k_beta @ k.transpose(-1, -2) * decay).masked_fill(~strict, 0)  # (B, H, N, C, C)
-        scores = (q @ k.transpose(-1, -2)) * decay  # upper triangle already 0
-        rhs = torch.cat([v * beta[..., None], k_beta * gamma_exp], -1)  # (B, H, N, C, V+K)
-        q_inter, k_inter = q * gamma_exp, k * to_end
     else:
-        a = (k_beta @ k.transpose(-1, -2)).masked_fill(~strict, 0)  # (B, H, N, C, C)
-        scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0)
-        rhs = torch.cat([v * beta[..., None], k_beta], -1)  # (B, H, N, C, V+K)
-        q_inter, k_inter, chunk_decay = q, k, None
+        a = k_beta @ k_t
+        scores = (q @ k_t).masked_fill(~causal, 0)
+        w_rhs, q_inter, k_inter, chunk_decay = k_beta, q, k, None
     eye = torch.eye(c, dtype=dtype, device=q.device)
-    # (I + A) is unit lower-triangular: one batched forward substitution for every chunk.
-    u0, w = torch.linalg.solve_triangular(a + eye, rhs, upper=False, unitriangular=True).split([dv, dk], -1)
+    t_inv = unit_lower_inverse(a.tril(-1) + eye)  # (B, H, N, C, C) = (I + A)⁻¹
+    u0 = t_inv @ (v * beta)  # (B, H, N, C, V)
+    w = t_inv @ w_rhs  # (B, H, N, C, K)
 
-    state = (initial_state.to(dtype) if initial_state is not None
-             else q.new_zeros(b, h, dk, dv))  # (B, H, K, V)
+    k_inter_t = k_inter.transpose(-1, -2)  # (B, H, N, K, C)
     starts, pseudo = [], []
-    for i in range(n):  # only the K×V state crosses chunk boundaries
+    for i in range(q.shape[2]):  # only the K×V state crosses chunk boundaries
         starts.append(state)
         u = u0[:, :, i] - w[:, :, i] @ state  # (B, H, C, V)
         pseudo.append(u)
         carried = state if chunk_decay is None else state * chunk_decay[:, :, i]
-        state = carried + k_inter[:, :, i].transpose(-1, -2) @ u
+        state = carried + k_inter_t[:, :, i] @ u
     s0 = torch.stack(starts, 2)  # (B, H, N, K, V)
     u = torch.stack(pseudo, 2)  # (B, H, N, C, V)
     o = q_inter @ s0 + scores @ u  # (B, H, N, C, V)

@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from seqzoo.ops.chunking import decay_matrix, from_chunks, scan_chunk_states, to_chunks
+from seqzoo.ops.chunking import causal_mask, decay_matrix, from_chunks, scan_chunk_states, to_chunks
 
 SUB_CHUNK = 16  # secondary chunk length of the chunked GLA form (paper sec. 4.3)
 
@@ -121,45 +121,78 @@ def _sub_chunk(chunk_size: int, sub_chunk_size: int | None) -> int:
     return max(d for d in range(1, limit + 1) if chunk_size % d == 0)
 
 
-def gla_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int = 64,
-                initial_state: Tensor | None = None, output_final_state: bool = False,
-                scale: float | None = None, sub_chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Chunkwise GLA with secondary chunking (paper sec. 4.3). g: (B, T, H, K) log gates.
+# Largest half-range of in-chunk cumulative log gates for which the factored form keeps
+# both exp factors (at most exp(+-limit)) far from overflow / underflow.
+FACTORED_LIMIT = {torch.float32: 20.0, torch.float64: 200.0}
 
-    Inside a chunk, with b the in-chunk cumulative log gates, the score of query i on key
-    j <= i is sum_k q_ik k_jk exp(b_ik - b_jk). For j in sub-chunk J and i in a later sub-chunk
-    I this is a matmul of q_i exp(b_i - r_J) and k_j exp(r_J - b_j), r_J = b at the end of J,
-    both exponents <= 0; diagonal sub-chunk blocks use the exact elementwise form.
-    """
-    _check(q, k, v, g, 4)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    dtype = v.dtype
-    q, k, v, g = _upcast(q, k, v, g)
-    t = q.shape[1]
-    c = _sub_chunk(chunk_size, sub_chunk_size)
-    m = chunk_size // c
-    qc, kc, vc = (to_chunks(z, chunk_size) for z in (q * _scale(q, scale), k, v))  # (B, H, N, C, *)
-    b = to_chunks(g, chunk_size).cumsum(-2)  # (B, H, N, C, K): log decay from chunk start
-    b_last = b[..., -1:, :]  # (B, H, N, 1, K)
 
-    # Off-diagonal sub-chunk blocks (query sub-chunk I after key sub-chunk J).
+def _scores_factored(qc: Tensor, kc: Tensor, b: Tensor, ref: Tensor) -> Tensor:
+    """exp(b_i - b_j) = exp(b_i - ref) exp(ref - b_j): one matmul per chunk.
+    qc, kc, b: (B, H, N, C, K), ref: (B, H, N, 1, K) -> scores (B, H, N, C, C), causal."""
+    scores = (qc * (b - ref).exp()) @ (kc * (ref - b).exp()).transpose(-1, -2)  # (B, H, N, C, C)
+    mask = causal_mask(scores.shape[-1], device=scores.device)
+    return scores.masked_fill(~mask, 0.0)
+
+
+def _scores_secondary(qc: Tensor, kc: Tensor, b: Tensor, c: int) -> Tensor:
+    """Secondary chunking (paper sec. 4.3), stable for any gates: blocks between query
+    sub-chunk I and an earlier key sub-chunk J are matmuls of q_i exp(b_i - r_J) and
+    k_j exp(r_J - b_j), r_J = b at the end of J (both exponents <= 0); diagonal blocks use
+    the exact elementwise form sum_k q_ik k_jk exp(b_ik - b_jk).
+    qc, kc, b: (B, H, N, C, K) -> scores (B, H, N, C, C), causal."""
+    m = qc.shape[-2] // c
     qs, ks, bs = (rearrange(z, "b h n (m c) k -> b h n m c k", c=c) for z in (qc, kc, b))  # (B, H, N, m, c, K)
     ref = bs[..., -1, :]  # (B, H, N, m, K): r_J
     k_ref = ks * (ref[..., None, :] - bs).exp()  # (B, H, N, J, c, K)
-    later = torch.ones(m, m, dtype=torch.bool, device=q.device).tril(-1)  # (I, J): I > J
+    later = torch.ones(m, m, dtype=torch.bool, device=qc.device).tril(-1)  # (I, J): I > J
     expo = bs[..., :, None, :, :] - ref[..., None, :, None, :]  # (B, H, N, I, J, c, K)
     expo = expo.masked_fill(~later[:, :, None, None], float("-inf"))
     q_ref = qs[..., :, None, :, :] * expo.exp()  # (B, H, N, I, J, c, K)
     scores = torch.einsum("bhnijck,bhnjdk->bhnicjd", q_ref, k_ref)  # (B, H, N, I, c, J, c)
-    # Diagonal blocks, exact: sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i inside the block.
     diff = bs[..., :, None, :] - bs[..., None, :, :]  # (B, H, N, m, c, c, K)
-    inside = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    inside = causal_mask(c, device=qc.device)
     diff = diff.masked_fill(~inside[:, :, None], float("-inf"))
     diag = (qs[..., :, None, :] * ks[..., None, :, :] * diff.exp()).sum(-1)  # (B, H, N, m, c, c)
-    eye = torch.eye(m, dtype=q.dtype, device=q.device)
+    eye = torch.eye(m, dtype=qc.dtype, device=qc.device)
     scores = scores + torch.einsum("bhnicd,ij->bhnicjd", diag, eye)
-    scores = rearrange(scores, "b h n i c j d -> b h n (i c) (j d)")  # (B, H, N, C, C)
+    return rearrange(scores, "b h n i c j d -> b h n (i c) (j d)")  # (B, H, N, C, C)
+
+
+def gla_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk_size: int = 64,
+                initial_state: Tensor | None = None, output_final_state: bool = False,
+                scale: float | None = None, intra: str = "auto",
+                sub_chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise GLA (paper sec. 4.2-4.3). g: (B, T, H, K) log gates.
+
+    Inside a chunk, with b the in-chunk cumulative log gates, query i scores key j <= i with
+    sum_k q_ik k_jk exp(b_ik - b_jk). Two evaluations of that same sum:
+    ``"factored"``: one matmul of q exp(b - ref) and k exp(ref - b), ref the mid-range of b
+    per chunk and key dim; exact unless a factor overflows, i.e. while the chunk's gates
+    decay by less than exp(-2 * FACTORED_LIMIT). ``"secondary"``: the paper's secondary
+    chunking (sub-chunks of ``sub_chunk_size``, default 16), stable for any gates.
+    ``"auto"`` (default) takes the factored form when every chunk is within the limit.
+    """
+    _check(q, k, v, g, 4)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if intra not in ("auto", "factored", "secondary"):
+        raise ValueError(f"intra: expected 'auto', 'factored' or 'secondary', got {intra!r}")
+    dtype = v.dtype
+    q, k, v, g = _upcast(q, k, v, g)
+    t = q.shape[1]
+    qc, kc, vc = (to_chunks(z, chunk_size) for z in (q * _scale(q, scale), k, v))  # (B, H, N, C, *)
+    b = to_chunks(g, chunk_size).cumsum(-2)  # (B, H, N, C, K): log decay from chunk start
+    b_last = b[..., -1:, :]  # (B, H, N, 1, K)
+
+    # The reference cancels mathematically, so it carries no gradient.
+    hi, lo = b.detach().amax(-2, keepdim=True), b.detach().amin(-2, keepdim=True)  # (B, H, N, 1, K)
+    if intra == "auto":
+        half_range = float((hi - lo).max()) / 2 if b.numel() else 0.0
+        intra = "factored" if half_range <= FACTORED_LIMIT.get(b.dtype, 20.0) else "secondary"
+    if intra == "factored":
+        scores = _scores_factored(qc, kc, b, (hi + lo) / 2)
+    else:
+        scores = _scores_secondary(qc, kc, b, _sub_chunk(chunk_size, sub_chunk_size))
     o = scores @ vc  # (B, H, N, C, V)
 
     # Inter-chunk state passing, as in simple_gla but with a decay per key dim.

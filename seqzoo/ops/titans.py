@@ -195,6 +195,12 @@ def _safe_log(x: Tensor) -> Tensor:
     return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
 
 
+def _sub_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """x - a @ b for (B, H, ., .) tensors, the subtraction fused into the GEMM."""
+    out = torch.baddbmm(x.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1), alpha=-1)  # (B*H, d_in, d_out)
+    return out.view(x.shape)
+
+
 # -- one piece of a chunk ------------------------------------------------------------------
 def _piece(q: Tensor, k: Tensor, v: Tensor, g: _Gates, state: TitansState, *, last: int,
            closes: bool, activation: str, read: str, residual: bool, bias: bool,
@@ -254,8 +260,9 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, g: _Gates, state: TitansState, *, la
     for layer in range(n_layers):
         hk_t = inputs[layer].transpose(-1, -2)  # (B, H, d_in, n)
         w0, s0 = state.weights[layer], state.momentum[layer]
-        new_w.append(a_r * w0 + b_r * s0 - hk_t @ (c_r * deltas[layer]))
-        new_s.append(e_r * s0 - hk_t @ (d_r * deltas[layer]))
+        # Fused multiply-adds: these weight-sized passes cost as much as the matmuls on CPU.
+        new_w.append(_sub_matmul(torch.addcmul(a_r * w0, b_r, s0), hk_t, c_r * deltas[layer]))
+        new_s.append(_sub_matmul(e_r * s0, hk_t, d_r * deltas[layer]))
     new_w, new_s = tuple(new_w), tuple(new_s)
     n_real = last + 1
     if closes:

@@ -99,15 +99,28 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in CHECKPOINT_FILES)
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = Path(out_dir) / "checkpoints" / LATEST
-    if not pointer.exists():
-        return None
-    try:
-        path = Path(out_dir) / "checkpoints" / json.loads(pointer.read_text())["path"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(str(pointer), "corrupt pointer file; expected {\"step\": N, \"path\": \"step-...\"}") from None
-    return path
+    """The checkpoint ``latest.json`` names if it is complete; if the pointer is missing or
+    stale (its directory gone or partial), the newest complete ``step-*`` directory. A
+    ``.tmp-step-*`` directory (a write cut short) is never a candidate."""
+    root = Path(out_dir) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.exists():
+        try:
+            path = root / json.loads(pointer.read_text())["path"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(str(pointer), "corrupt pointer file; expected {\"step\": N, \"path\": \"step-...\"}") from None
+        if _complete(path):
+            return path
+    complete = [p for p in sorted(root.glob("step-*")) if _complete(p)]
+    return complete[-1] if complete else None
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

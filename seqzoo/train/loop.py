@@ -1,6 +1,9 @@
 """One training loop for every model: AdamW, warmup + cosine, gradient clipping and
-accumulation, bf16 autocast on GPU, seeds, periodic eval, atomic checkpoints, exact resume,
-JSONL metrics, a progress bar and PNG curves.
+accumulation, bf16 autocast on GPU (the same code path in fp32 on CPU), seeds, periodic
+eval, atomic checkpoints, exact resume, JSONL metrics, a progress bar and PNG curves.
+Under ``torchrun`` the same loop runs data-parallel (DDP, or FSDP for large recipes; see
+``seqzoo.train.distributed``): each rank trains on its shard of the global batch and rank 0
+alone logs and checkpoints.
 
 Exact resume: batches are a pure function of (task seed, step) and the learning rate a pure
 function of the step, so a run resumed from step s sees exactly the batches and learning
@@ -11,23 +14,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from seqzoo.errors import SeqzooError
 from seqzoo.models.lm import LanguageModel
 from seqzoo.recipes import Recipe
-from seqzoo.tasks import build_task
+from seqzoo.tasks import IGNORE, build_task
 from seqzoo.train import checkpoint as ckpt
+from seqzoo.train import distributed as dist
 from seqzoo.train.evaluate import evaluate, token_loss
 from seqzoo.train.metrics_log import MetricsLog, plot_curves
 from seqzoo.train.optim import build_optimizer, lr_at
+
+PARALLEL_ENV = "SEQZOO_PARALLEL"  # auto | ddp | fsdp: how `torchrun` runs are parallelised
 
 
 class TrainingDiverged(SeqzooError):
@@ -45,6 +54,11 @@ class TrainResult:
     peak_memory_mb: float
     sample: str | None = None
     plot: Path | None = None
+    # Peak memory the run itself added: CUDA peak allocation, or on CPU the peak growth of
+    # the resident set over its size when training started (sampled).
+    peak_memory_growth_mb: float = float("nan")
+    model: nn.Module | None = dataclasses.field(default=None, repr=False)
+    parallel: str = "none"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,10 +91,59 @@ def _peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
+class _RSSPeak:
+    """Samples this process's resident set (Linux /proc) in a daemon thread; ru_maxrss
+    only ever grows over the whole process, so it cannot tell two runs in one process apart."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval = interval_s
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if self.start == self.start:  # /proc readable
+            self._thread.start()
+
+    @staticmethod
+    def _rss() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> float:
+        """Peak growth in MiB over the size at start."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        return self.peak - self.start
+
+
+class _State:
+    """Stands in for a module / optimiser whose full state dict was gathered already."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
 def train(recipe: Recipe, *, out_dir: str | Path | None = None, steps: int | None = None,
           device: str | None = None, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train ``recipe``; ``steps`` / ``device`` override the recipe's train settings."""
+          progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          parallel: str | None = None) -> TrainResult:
+    """Train ``recipe``; ``steps`` / ``device`` override the recipe's train settings.
+
+    Launched by ``torchrun`` (WORLD_SIZE > 1) it trains data-parallel: ``parallel`` (or the
+    SEQZOO_PARALLEL environment variable) picks "ddp", "fsdp" or "auto" (FSDP for recipes
+    above ``distributed.FSDP_MIN_PARAMS`` parameters). Every rank must see the same ``out_dir``.
+    """
     overrides: dict[str, Any] = {}
     if steps is not None:
         overrides["steps"] = steps
@@ -88,82 +151,141 @@ def train(recipe: Recipe, *, out_dir: str | Path | None = None, steps: int | Non
         overrides["device"] = device
     if overrides:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update=overrides)})
+    parallel = parallel or os.environ.get(PARALLEL_ENV, "auto")
+    if parallel not in ("auto", "ddp", "fsdp"):
+        raise SeqzooError(f"{PARALLEL_ENV}: expected auto, ddp or fsdp, got {parallel!r}")
+    info, dev = dist.init(resolve_device(recipe.train.device))
+    try:
+        return _train(recipe, info=info, dev=dev, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                      progress=progress, on_step=on_step, parallel=parallel)
+    finally:
+        dist.shutdown(info)
+
+
+def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: str | Path | None,
+           resume: bool, overwrite: bool, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None,
+           parallel: str) -> TrainResult:
     spec = recipe.train
     out = Path(out_dir or Path("runs") / recipe.name)
-    dev = resolve_device(spec.device)
+    main = info.is_main
+    local_batch = spec.batch_size // info.world_size
+    if spec.batch_size % info.world_size or local_batch % spec.grad_accum:
+        raise SeqzooError(f"train.batch_size={spec.batch_size}: must split evenly into {info.world_size} "
+                          f"rank(s) × grad_accum={spec.grad_accum} micro-batches")
 
     existing = ckpt.latest_checkpoint(out)
     if existing is not None and not resume:
         if not overwrite:
             raise SeqzooError(f"{out}: holds a checkpoint already; pass --resume to continue it or "
                               f"--overwrite to start afresh (or choose another --out)")
-        shutil.rmtree(out / "checkpoints")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        dist.barrier(info)  # every rank has seen the checkpoint before rank 0 removes it
+        if main:
+            shutil.rmtree(out / "checkpoints")
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        existing = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier(info)
 
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss = _RSSPeak() if dev.type == "cpu" else None
     torch.manual_seed(spec.seed)
     task = build_task(recipe.task)
     model = LanguageModel(recipe).to(dev)
+    resuming = resume and existing is not None
+    if resuming:
+        ckpt.load_model_weights(existing, model)  # before sharding: every rank loads the full weights
+    strategy = dist.resolve_strategy(parallel, model) if info.enabled else "ddp"
+    wrapped = dist.wrap(model, info, dev, strategy)
+    fsdp = info.enabled and strategy == "fsdp"
     optimizer = build_optimizer(model, spec)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl") if main else None
     start = 0
-    if resume and existing is not None:
-        ckpt.load_model_weights(existing, model)
-        state = ckpt.load_training_state(existing, optimizer)
+    if resuming:
+        if fsdp:
+            state = ckpt.read_state(existing)
+            flat = ckpt._load_tensors(existing / "optimizer.safetensors")
+            dist.load_full_state(model, optimizer, ckpt._optimizer_from_flat(flat, state["optimizer"]), info)
+            torch.set_rng_state(ckpt._load_tensors(existing / "rng.safetensors")["torch"])
+        else:
+            state = ckpt.load_training_state(existing, optimizer)
         start = state["step"]
-        log.truncate_after(start)
-    elif resume:
+        if log is not None:
+            log.truncate_after(start)
+    elif resume and log is not None:
         log.truncate_after(-1)
 
     autocast = _autocast(spec.precision, dev)
     eval_bs = spec.eval_batch_size or spec.batch_size
-    micro = spec.batch_size // spec.grad_accum
+    micro = local_batch // spec.grad_accum
     recipe_json = recipe.model_dump(mode="json")
 
     def run_eval(step: int) -> dict[str, float]:
+        # Every rank evaluates the same fixed set (FSDP needs every rank in each forward).
         metrics = evaluate(model, task, n_batches=spec.eval_batches, batch_size=eval_bs, device=dev,
                            autocast=autocast)
-        log.append({"step": step, "split": "eval", **metrics})
+        if log is not None:
+            log.append({"step": step, "split": "eval", **metrics})
         return metrics
+
+    def save(step: int, last_eval: dict[str, float]) -> None:
+        weights, opt_state = dist.full_state_dicts(wrapped, optimizer, info, strategy)
+        if main:
+            ckpt.save_checkpoint(out, step=step, model=_State(weights), optimizer=_State(opt_state),
+                                 recipe=recipe_json, extra={"eval": last_eval})
+        dist.barrier(info)
 
     first_eval = run_eval(start) if start == 0 else {}
     t0 = time.perf_counter()
     tokens = 0
-    bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, disable=not progress,
+    bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, disable=not (progress and main),
                desc=recipe.name, dynamic_ncols=True, mininterval=1.0)
     last_eval: dict[str, float] = first_eval
-    model.train()
+    wrapped.train()
     for step in bar:
         lr = lr_at(step, spec)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = task.train_batch(step, spec.batch_size)
-        n_targets = (targets != -100).sum().clamp(min=1)
+        inputs, targets = task.train_batch(step, spec.batch_size, rank=info.rank, world_size=info.world_size)
+        # Normalise by the target count of the whole global batch, so that summing over
+        # micro-batches and ranks gives exactly the mean loss of one big batch.
+        n_targets = dist.all_reduce_sum((targets != IGNORE).sum(), info).clamp(min=1)
         loss_total = 0.0
         for i in range(spec.grad_accum):
             x = inputs[i * micro:(i + 1) * micro].to(dev)
             y = targets[i * micro:(i + 1) * micro].to(dev)
-            with autocast if autocast is not None else nullcontext():
-                logits, _ = model(x)
-            # Sum over the micro-batch, divided by the global count: accumulation == one big batch.
-            loss = token_loss(logits, y, reduction="sum") / n_targets.to(dev)
-            loss.backward()
+            last_micro = i == spec.grad_accum - 1
+            if fsdp:
+                wrapped.set_requires_gradient_sync(last_micro)
+            sync = wrapped.no_sync() if info.enabled and not fsdp and not last_micro else nullcontext()
+            with sync:
+                with autocast if autocast is not None else nullcontext():
+                    logits, _ = wrapped(x)
+                loss = token_loss(logits, y, reduction="sum") / n_targets.to(dev)
+                # DDP / FSDP average gradients over ranks; the loss is a sum over ranks.
+                (loss * info.world_size if info.enabled else loss).backward()
             loss_total += loss.item()
+        if info.enabled:
+            loss_total = dist.all_reduce_sum(torch.tensor(loss_total, dtype=torch.float64), info).item()
         if not math.isfinite(loss_total):
-            last = ckpt.latest_checkpoint(out)
-            raise TrainingDiverged(f"loss became {loss_total} at step {step}; training stopped. "
-                                   f"Last good checkpoint: {last or 'none yet'}")
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip).item()
-                     if spec.grad_clip > 0 else float("nan"))
+            _diverged(f"loss became {loss_total}", step, out)
+        grad_norm = float("nan")
+        if spec.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+            if not math.isfinite(grad_norm):
+                _diverged(f"the gradient norm became {grad_norm}", step, out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += inputs.numel()
+        tokens += inputs.numel() * info.world_size
         done = step + 1
         if done % spec.log_every == 0 or done == spec.steps:
             elapsed = time.perf_counter() - t0
             record = {"step": done, "split": "train", "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens / max(elapsed, 1e-9)}
-            log.append(record)
+            if log is not None:
+                log.append(record)
             bar.set_postfix(loss=f"{loss_total:.3f}", refresh=False)
             if on_step is not None:
                 on_step(done, record)
@@ -172,17 +294,28 @@ def train(recipe: Recipe, *, out_dir: str | Path | None = None, steps: int | Non
             headline = task.metrics[0]
             bar.set_postfix(loss=f"{loss_total:.3f}", **{f"eval_{headline}": f"{last_eval[headline]:.3f}"})
         if done % spec.ckpt_every == 0 or done == spec.steps:
-            ckpt.save_checkpoint(out, step=done, model=model, optimizer=optimizer, recipe=recipe_json,
-                                 extra={"eval": last_eval})
+            save(done, last_eval)
     bar.close()
     wall = time.perf_counter() - t0
-    plot = plot_curves(log.records(), out / "curves.png", title=recipe.name)
+    growth = rss.stop() if rss is not None else torch.cuda.max_memory_allocated(dev) / 2**20
+    plot = plot_curves(log.records(), out / "curves.png", title=recipe.name) if log is not None else None
     sample = None
-    if task.name == "bytes" and spec.sample_tokens:
+    if main and not fsdp and task.name == "bytes" and spec.sample_tokens:
         sample = sample_text(model, task, spec.sample_tokens, dev)
     return TrainResult(out_dir=out, steps=spec.steps, final_eval=last_eval, first_eval=first_eval,
                        wall_time_s=wall, tokens_per_s=tokens / max(wall, 1e-9),
-                       peak_memory_mb=_peak_memory_mb(dev), sample=sample, plot=plot)
+                       peak_memory_mb=_peak_memory_mb(dev), sample=sample, plot=plot,
+                       peak_memory_growth_mb=growth, model=model,
+                       parallel=strategy if info.enabled else "none")
+
+
+def _diverged(what: str, step: int, out: Path) -> None:
+    # Raised before optimizer.step(): no weight ever sees the bad update, and the last
+    # checkpoint on disk is the last good state.
+    last = ckpt.latest_checkpoint(out)
+    raise TrainingDiverged(f"{what} at step {step}; training stopped before the update. "
+                           f"Last good checkpoint: {last or 'none yet'} (resume with --resume, "
+                           f"e.g. after lowering train.lr)")
 
 
 def sample_text(model: LanguageModel, task, n_tokens: int, device: torch.device, *,

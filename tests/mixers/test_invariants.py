@@ -130,3 +130,31 @@ def test_describe_fields(name):
     mixer = build_mixer(name, {})
     assert mixer.backend in ("reference", *mixer.backends)
     assert mixer.state_size(2) >= 0
+
+
+def _cpu_backends(name: str) -> list[str]:
+    from seqzoo.kernels import is_available
+
+    return [b for b in mixers.get(name).backends if is_available(b, "cpu")]
+
+
+KERNEL_CASES = [(n, b) for n in NAMES for b in _cpu_backends(n)]
+
+
+@pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend runs on this CPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name, backend", KERNEL_CASES)
+@given(data=st.data())
+def test_kernel_equals_reference(name, backend, dtype, data):
+    """Invariant 5: each fast path that can run here equals the reference, same weights."""
+    params = draw_params(data, name)
+    reference = build_mixer(name, {**params, "backend": "reference"}, dtype=dtype)
+    kernel = build_mixer(name, {**params, "backend": backend}, dtype=dtype)
+    assert reference.backend == "reference" and kernel.backend == backend
+    x = draw_input(data, dtype, min_t=2)
+    split = data.draw(st.integers(1, x.shape[1] - 1), label="split")
+    with torch.no_grad():
+        y_ref, _ = reference(x)
+        y1, s = kernel(x[:, :split])
+        y2, _ = kernel(x[:, split:], s)
+    assert_close(torch.cat([y1, y2], 1), y_ref, dtype, f"{name} {backend} {params}")

@@ -10,7 +10,7 @@ from einops import rearrange
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seqzoo.ops.delta_rule import delta_rule, delta_rule_recurrent, delta_rule_step
+from seqzoo.ops.delta_rule import delta_rule, delta_rule_recurrent, delta_rule_step, unit_lower_inverse
 from tests.helpers import assert_close
 
 DTYPES = [torch.float64, torch.float32]
@@ -147,3 +147,13 @@ def test_oracle_fla_chunkwise(dtype):
     assert o_fla.dtype == dtype
     assert_close(rearrange(o, "b t h v -> b h t v"), o_fla, dtype, "vs fla delta_rule_chunkwise")
     assert_close(s, s_fla, dtype, "final state vs fla")
+
+
+@given(c=st.integers(1, 70), leaf=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16))
+def test_unit_lower_inverse(c, leaf, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(2, 3, c, c, generator=gen, dtype=torch.float64).tril(-1) * 0.3 + torch.eye(c, dtype=torch.float64)
+    inv = unit_lower_inverse(m, leaf=leaf)
+    eye = torch.eye(c, dtype=torch.float64).expand_as(m)
+    assert_close(inv @ m, eye, torch.float64)
+    assert torch.equal(inv.triu(1), torch.zeros_like(inv)), "the inverse stays lower-triangular"

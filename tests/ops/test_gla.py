@@ -34,14 +34,16 @@ shapes = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.parametrize("intra", ["factored", "secondary"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @given(shape=shapes, chunk=st.integers(1, 24), sub=st.sampled_from([None, 1, 2, 4]), with_state=st.booleans())
-def test_gla_chunked_equals_recurrent(dtype, shape, chunk, sub, with_state):
+def test_gla_chunked_equals_recurrent(intra, dtype, shape, chunk, sub, with_state):
     q, k, v, g, s0 = make_inputs(**shape, dtype=dtype)
     s0 = s0 if with_state else None
     o_ref, s_ref = gla_recurrent(q, k, v, g, initial_state=s0, output_final_state=True)
-    o, s = gla_chunked(q, k, v, g, chunk_size=chunk, sub_chunk_size=sub, initial_state=s0, output_final_state=True)
-    assert_close(o, o_ref, dtype, f"chunk={chunk} sub={sub}")
+    o, s = gla_chunked(q, k, v, g, chunk_size=chunk, intra=intra, sub_chunk_size=sub, initial_state=s0,
+                       output_final_state=True)
+    assert_close(o, o_ref, dtype, f"{intra} chunk={chunk} sub={sub}")
     assert_close(s, s_ref, dtype, "final state")
 
 
@@ -74,12 +76,13 @@ def test_final_state_only_when_asked():
     assert gla(q, k, v, g)[1] is None and gla_recurrent(q, k, v, g)[1] is None
 
 
-@pytest.mark.parametrize("scalar", [False, True], ids=["gla", "simple_gla"])
-def test_gradients_chunked_equal_recurrent(scalar):
+@pytest.mark.parametrize("form", ["gla-factored", "gla-secondary", "simple_gla"])
+def test_gradients_chunked_equal_recurrent(form):
+    scalar = form == "simple_gla"
     q, k, v, g, s0 = make_inputs(2, 29, 2, 4, 3, dtype=torch.float64, seed=3, scalar_gate=scalar)
     inputs = [z.clone().requires_grad_() for z in (q, k, v, g, s0)]
     rec, chunked = (simple_gla_recurrent, simple_gla_chunked) if scalar else (gla_recurrent, gla_chunked)
-    extra = {} if scalar else {"sub_chunk_size": 4}
+    extra = {} if scalar else {"intra": form.split("-")[1], "sub_chunk_size": 4}
 
     def grads(fn, **kw):
         o, s = fn(*inputs[:4], initial_state=inputs[4], output_final_state=True, **kw)
@@ -93,7 +96,8 @@ def test_gradients_chunked_equal_recurrent(scalar):
 
 
 def test_strong_decay_is_stable_in_fp32():
-    # exp(-cumsum g) would be exp(+60 * 64) here; secondary chunking never forms it.
+    # exp(-cumsum g) would reach exp(+60 * 64) here: "auto" must leave the factored form for
+    # secondary chunking, which never forms it.
     q, k, v, g, s0 = make_inputs(1, 70, 2, 4, 3, dtype=torch.float32, seed=1, gate_scale=60.0)
     o_ref, s_ref = gla_recurrent(q, k, v, g, initial_state=s0, output_final_state=True)
     o, s = gla(q, k, v, g, chunk_size=64, initial_state=s0, output_final_state=True)

@@ -1,0 +1,97 @@
+"""Mamba-specific checks: the paper's (and mamba-ssm's) parameterisation and initialisation,
+chunked == sequential scan inside the mixer (values and gradients), config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqzoo import mixers
+from seqzoo.mixers.base import ConfigError
+from tests.helpers import assert_close, build_mixer, scan_steps
+
+
+def test_parameter_shapes_follow_mamba_ssm():
+    m = mixers.build("mamba", d_model=40, d_state=8)
+    d_inner, rank = 80, math.ceil(40 / 16)  # expand 2, dt_rank "auto"
+    shapes = {name: tuple(p.shape) for name, p in m.named_parameters()}
+    assert shapes == {
+        "in_proj.weight": (2 * d_inner, 40),
+        "conv1d.conv.weight": (d_inner, 1, 4),
+        "conv1d.conv.bias": (d_inner,),
+        "x_proj.weight": (rank + 2 * 8, d_inner),
+        "dt_proj.weight": (d_inner, rank),
+        "dt_proj.bias": (d_inner,),
+        "A_log": (d_inner, 8),
+        "D": (d_inner,),
+        "out_proj.weight": (40, d_inner),
+    }
+
+
+def test_initialisation_follows_the_paper():
+    torch.manual_seed(0)
+    m = mixers.build("mamba", d_model=64, d_state=16, dt_min=0.002, dt_max=0.05)
+    # S4D-real: A = -(1..N) for every channel, D = 1.
+    assert torch.equal(m.A_log, torch.log(torch.arange(1.0, 17.0)).expand(128, 16))
+    assert torch.equal(m.D, torch.ones(128))
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= 0.002 * (1 - 1e-5) and dt.max() <= 0.05 * (1 + 1e-5)
+    # log-uniform: the mean of log dt sits mid-way between the log bounds
+    assert abs(dt.log().mean().item() - (math.log(0.002) + math.log(0.05)) / 2) < 0.3
+    bound = m.dt_rank ** -0.5
+    assert m.dt_proj.weight.abs().max() <= bound and m.dt_proj.weight.abs().max() > bound / 2
+    assert not any(getattr(p, "_no_weight_decay", False) for p in (m.in_proj.weight, m.dt_proj.weight))
+    assert m.A_log._no_weight_decay and m.D._no_weight_decay
+
+
+def test_dt_floor_and_constant_init():
+    m = mixers.build("mamba", d_model=16, dt_min=1e-6, dt_max=1e-5, dt_init_floor=1e-4,
+                     dt_init="constant", dt_scale=2.0, dt_rank=4)
+    assert_close(F.softplus(m.dt_proj.bias.double()), torch.full((32,), 1e-4, dtype=torch.float64),
+                 torch.float32)
+    assert torch.equal(m.dt_proj.weight, torch.full((32, 4), 2.0 * 4 ** -0.5))
+
+
+@pytest.mark.parametrize("params", [dict(d_state=3, chunk_size=4), dict(d_state=1, expand=1.5, chunk_size=None)])
+def test_chunked_and_sequential_mixers_agree_with_gradients(params):
+    chunked = build_mixer("mamba", {**params, "scan": "chunked"})
+    sequential = build_mixer("mamba", {**params, "scan": "sequential"})
+    sequential.load_state_dict(chunked.state_dict())
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    (y1, s1), (y2, s2) = chunked(xs[0]), sequential(xs[1])
+    assert_close(y1, y2)
+    assert_close(s1.ssm, s2.ssm)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    assert_close(xs[0].grad, xs[1].grad)
+    for (name, p1), p2 in zip(chunked.named_parameters(), sequential.parameters()):
+        assert_close(p1.grad, p2.grad, msg=name)
+
+
+def test_bfloat16_keeps_an_fp32_ssm_state():
+    m = build_mixer("mamba", {"chunk_size": 4}, dtype=torch.float32).to(torch.bfloat16)
+    x = torch.randn(1, 9, 16).bfloat16()
+    y, state = m(x)
+    assert y.dtype == torch.bfloat16 and state.ssm.dtype == torch.float32
+    assert torch.isfinite(y.float()).all()
+    y_steps, _ = scan_steps(m, x, m.init_state(1, dtype=torch.bfloat16))
+    assert y_steps.dtype == torch.bfloat16
+    torch.testing.assert_close(y_steps.float(), y.float(), rtol=0.05, atol=0.02)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="dt_min"):
+        mixers.build("mamba", d_model=16, dt_min=0.5, dt_max=0.1)
+    with pytest.raises(ConfigError, match="d_sate"):
+        mixers.build("mamba", d_model=16, d_sate=4)
+    with pytest.raises(ConfigError, match="expand"):
+        mixers.build("mamba", d_model=16, expand=0.01)
+    with pytest.raises(ConfigError, match="scan"):
+        mixers.build("mamba", d_model=16, scan="parallel")
+    with pytest.raises(ConfigError, match="dt_rank"):
+        mixers.build("mamba", d_model=16, dt_rank=0)

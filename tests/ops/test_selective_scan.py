@@ -1,0 +1,227 @@
+"""Mamba's selective scan: both forms against a per-step loop written here from the paper's
+equations (Gu & Dao 2023, eq. 2 and 4, Algorithm 2), chunked == sequential (values, final
+state and gradients), chaining at any split, numerical stability of long strongly-decaying
+chunks, and mamba-ssm's layouts (shared, grouped and time-invariant B / C)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from seqzoo.ops.selective_scan import (
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_sequential,
+)
+from tests.helpers import assert_close
+
+
+def paper_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+               initial_state=None):
+    """Algorithm 2 token by token and channel group by channel group, nothing vectorised
+    over time: Ā_t = exp(Δ_t A), B̄_t = Δ_t B_t (Mamba's simplified ZOH),
+    h_t = Ā_t h_{t-1} + B̄_t x_t, y_t = C_t h_t (+ D x_t), then y ⊙ SiLU(z)."""
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = torch.log1p(torch.exp(delta))  # softplus, written out
+
+    def per_channel(M, t):  # -> (batch, dim, n): the B_t or C_t each channel d sees
+        if M.dim() == 2:  # (D, N), time-invariant
+            return M.expand(batch, dim, n)
+        if M.dim() == 3:  # (B, N, T), one for all channels
+            return M[:, None, :, t].expand(batch, dim, n)
+        groups = M.shape[1]  # (B, G, N, T): channel d belongs to group d // (D / G)
+        owner = torch.arange(dim) // (dim // groups)
+        return M[:, owner, :, t]
+
+    h = torch.zeros(batch, dim, n, dtype=u.dtype) if initial_state is None else initial_state.clone()
+    ys = []
+    for t in range(length):
+        A_bar = torch.exp(delta[:, :, t, None] * A[None])  # (B, D, N)
+        B_bar = delta[:, :, t, None] * per_channel(B, t)  # (B, D, N)
+        h = A_bar * h + B_bar * u[:, :, t, None]
+        y = (per_channel(C, t) * h).sum(-1)  # (B, D)
+        if D is not None:
+            y = y + D * u[:, :, t]
+        ys.append(y)
+    y = torch.stack(ys, -1) if ys else u[..., :0]
+    if z is not None:
+        y = y * z * torch.sigmoid(z)
+    return y, h
+
+
+@st.composite
+def problems(draw, dtype=torch.float64, max_t=24):
+    """A random selective-scan problem in mamba-ssm's layouts."""
+    batch = draw(st.integers(1, 2), label="B")
+    dim = draw(st.sampled_from([1, 2, 4, 6]), label="D")
+    n = draw(st.integers(1, 5), label="N")
+    length = draw(st.integers(1, max_t), label="T")
+    seed = draw(st.integers(0, 2**16), label="seed")
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).mul(scale).to(dtype)
+
+    def bc(label):
+        divisors = [k for k in range(1, dim + 1) if dim % k == 0]
+        kind = draw(st.sampled_from(["shared", "grouped", "static"]), label=label)
+        if kind == "shared":
+            return rnd(batch, n, length)
+        if kind == "static":
+            return rnd(dim, n)
+        return rnd(batch, draw(st.sampled_from(divisors), label=f"{label}_groups"), n, length)
+
+    kw = dict(
+        u=rnd(batch, dim, length), delta=rnd(batch, dim, length, scale=0.5),
+        A=-torch.rand(dim, n, generator=g, dtype=torch.float64).mul(4).to(dtype), B=bc("B"), C=bc("C"),
+    )
+    if draw(st.booleans(), label="D"):
+        kw["D"] = rnd(dim)
+    if draw(st.booleans(), label="z"):
+        kw["z"] = rnd(batch, dim, length)
+    if draw(st.booleans(), label="delta_bias"):
+        kw["delta_bias"] = rnd(dim)
+    kw["delta_softplus"] = draw(st.booleans(), label="softplus")
+    if not kw["delta_softplus"]:
+        kw["delta"] = kw["delta"].abs()  # Δ > 0 as after the softplus
+        kw.pop("delta_bias", None)
+    if draw(st.booleans(), label="initial_state"):
+        kw["initial_state"] = rnd(batch, dim, n)
+    return kw
+
+
+@given(kw=problems(), chunk=st.integers(1, 9), data=st.data())
+def test_both_forms_equal_the_paper_loop(kw, chunk, data):
+    y_ref, h_ref = paper_loop(**kw)
+    y_seq, h_seq = selective_scan_sequential(**kw, return_final_state=True)
+    y_chk, h_chk = selective_scan_chunked(**kw, return_final_state=True, chunk_size=chunk)
+    assert_close(y_seq, y_ref, msg="sequential vs paper loop")
+    assert_close(h_seq, h_ref, msg="sequential final state")
+    assert_close(y_chk, y_ref, msg=f"chunked(C={chunk}) vs paper loop")
+    assert_close(h_chk, h_ref, msg=f"chunked(C={chunk}) final state")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@given(data=st.data())
+def test_chunked_equals_sequential(dtype, data):
+    kw = data.draw(problems(dtype=dtype, max_t=40), label="problem")
+    chunk = data.draw(st.sampled_from([None, 1, 2, 5, 16, 64]), label="chunk")
+    y_seq, h_seq = selective_scan(**kw, return_final_state=True, method="sequential")
+    y_chk, h_chk = selective_scan(**kw, return_final_state=True, method="chunked", chunk_size=chunk)
+    assert y_chk.dtype == dtype and h_chk.dtype == dtype
+    assert_close(y_chk, y_seq, dtype, f"chunk={chunk}")
+    assert_close(h_chk, h_seq, dtype, f"chunk={chunk}: final state")
+
+
+@given(kw=problems(max_t=20), data=st.data())
+def test_chaining_at_any_split(kw, data):
+    length = kw["u"].shape[-1]
+    cut = data.draw(st.integers(0, length), label="cut")
+    chunk = data.draw(st.integers(1, 6), label="chunk")
+    y_full, h_full = selective_scan_chunked(**kw, return_final_state=True, chunk_size=chunk)
+
+    def part(lo, hi, state):
+        sliced = {k: (v[..., lo:hi] if k in ("u", "delta", "z") or (k in ("B", "C") and v.dim() > 2) else v)
+                  for k, v in kw.items() if k != "initial_state"}
+        return selective_scan_chunked(**sliced, initial_state=state, return_final_state=True, chunk_size=chunk)
+
+    y1, h1 = part(0, cut, kw.get("initial_state"))
+    y2, h2 = part(cut, length, h1)
+    assert_close(torch.cat([y1, y2], -1), y_full, msg=f"cut={cut}")
+    assert_close(h2, h_full, msg=f"cut={cut}: final state")
+
+
+@given(kw=problems(max_t=14), chunk=st.integers(1, 5))
+def test_gradients_chunked_equal_sequential(kw, chunk):
+    def grads(fn, **extra):
+        leaves = {k: v.detach().clone().requires_grad_() if torch.is_tensor(v) else v for k, v in kw.items()}
+        y, h = fn(**leaves, return_final_state=True, **extra)
+        g = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+        loss.backward()
+        return {k: v.grad for k, v in leaves.items() if torch.is_tensor(v)}
+
+    g_seq = grads(selective_scan_sequential)
+    g_chk = grads(selective_scan_chunked, chunk_size=chunk)
+    for name, expected in g_seq.items():
+        assert expected is not None and torch.isfinite(expected).all(), name
+        assert_close(g_chk[name], expected, msg=f"d loss / d {name}")
+
+
+def test_long_strongly_decaying_chunks_are_stable():
+    """Large Δ·A (total in-chunk log decay far below -1e3) must neither overflow nor lose
+    the recent inputs: every exponent the chunked form takes is <= 0."""
+    g = torch.Generator().manual_seed(0)
+    b, d, n, t = 2, 3, 16, 300
+    u = torch.randn(b, d, t, generator=g)
+    delta = torch.rand(b, d, t, generator=g) * 20 + 0.5  # Δ up to ~20, log decay down to -320 per step
+    A = -torch.arange(1, n + 1, dtype=torch.float32).expand(d, n).contiguous()
+    B, C = torch.randn(b, n, t, generator=g), torch.randn(b, n, t, generator=g)
+    leaves = [x.requires_grad_() for x in (u, delta, A, B, C)]
+    y_chk, h_chk = selective_scan_chunked(*leaves, return_final_state=True, chunk_size=150)
+    assert torch.isfinite(y_chk).all() and torch.isfinite(h_chk).all()
+    y_chk.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    with torch.no_grad():
+        y_seq, h_seq = selective_scan_sequential(u, delta, A, B, C, return_final_state=True)
+        # With near-total forgetting, h_t ≈ Δ_t B_t u_t: the answer is O(1), not 0.
+        assert y_seq.abs().max() > 1
+    assert_close(y_chk.detach(), y_seq, torch.float32)
+    assert_close(h_chk.detach(), h_seq, torch.float32)
+
+
+def test_half_precision_scans_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    b, d, n, t = 1, 4, 3, 33
+    kw = dict(u=torch.randn(b, d, t, generator=g), delta=torch.randn(b, d, t, generator=g),
+              A=-torch.rand(d, n, generator=g), B=torch.randn(b, n, t, generator=g),
+              C=torch.randn(b, n, t, generator=g), z=torch.randn(b, d, t, generator=g))
+    half = {k: v.bfloat16() for k, v in kw.items()}
+    y, h = selective_scan_chunked(**half, delta_softplus=True, return_final_state=True, chunk_size=4)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    y32, _ = selective_scan_sequential(**{k: v.float() for k, v in half.items()}, delta_softplus=True,
+                                       return_final_state=True)
+    # The only bf16 rounding left is the final cast of y.
+    torch.testing.assert_close(y.float(), y32, rtol=2**-8, atol=1e-6)
+
+
+def test_shape_errors_are_clear():
+    u = torch.randn(1, 4, 5)
+    A = -torch.rand(4, 3)
+    B = torch.randn(1, 3, 5)
+    with pytest.raises(ValueError, match="delta"):
+        selective_scan(u, torch.randn(1, 4, 6), A, B, B)
+    with pytest.raises(ValueError, match="A"):
+        selective_scan(u, u, -torch.rand(5, 3), B, B)
+    with pytest.raises(ValueError, match="groups do not divide"):
+        selective_scan(u, u, A, torch.randn(1, 3, 3, 5), B)
+    with pytest.raises(ValueError, match="C"):
+        selective_scan(u, u, A, B, torch.randn(1, 2, 5))
+    with pytest.raises(ValueError, match="initial_state"):
+        selective_scan(u, u, A, B, B, initial_state=torch.zeros(1, 4, 2))
+    with pytest.raises(NotImplementedError, match="complex"):
+        selective_scan(u, u, torch.complex(A, A), B, B)
+    with pytest.raises(ValueError, match="method"):
+        selective_scan(u, u, A, B, B, method="parallel")
+
+
+def test_empty_sequence_returns_the_initial_state():
+    h0 = torch.randn(2, 4, 3)
+    for fn in (selective_scan_sequential, selective_scan_chunked):
+        y, h = fn(torch.randn(2, 4, 0), torch.randn(2, 4, 0), -torch.rand(4, 3), torch.randn(2, 3, 0),
+                  torch.randn(2, 3, 0), initial_state=h0, return_final_state=True)
+        assert y.shape == (2, 4, 0)
+        assert torch.equal(h, h0)
+
+
+def test_softplus_matches_torch():
+    """The test's written-out softplus is torch's (guards the oracle itself)."""
+    x = torch.linspace(-5, 5, 11, dtype=torch.float64)
+    assert_close(torch.log1p(torch.exp(x)), F.softplus(x))
