@@ -1,4 +1,4 @@
-"""The ``seqzoo`` command: train | eval | generate | describe | list.
+"""The ``seqzoo`` command: train | eval | generate | describe | list | compare.
 
 User errors (a recipe typo, a missing file, a corrupt checkpoint) print one line naming the
 file and the key, and exit with code 2.
@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   seqzoo eval runs/tiny-attention
   seqzoo generate runs/tiny-attention --prompt "def " --max-new-tokens 200
   seqzoo list --params
+  seqzoo compare recipes/compare/mqar.yaml --smoke         # the whole comparison pipeline in seconds
 """
 
 
@@ -56,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+    c = sub.add_parser("compare", help="train several recipes on one task and write a comparison report",
+                       description="Train every model of a sweep file (recipes/compare/*.yaml) on the sweep's "
+                       "task with identical data order, seed, steps, optimiser and schedule (optionally the best "
+                       "of several learning rates), evaluate at each test length, and write report.md, "
+                       "results.json and PNG plots into --out. Exits with 1 if every run of some model failed.")
+    c.add_argument("sweep", help="sweep YAML path (e.g. recipes/compare/mqar.yaml)")
+    c.add_argument("--smoke", action="store_true",
+                   help="a seconds-long run of the whole pipeline: few steps, tiny eval (what CI runs)")
+    c.add_argument("--out", help="output directory (default: runs/compare/<sweep name>[-smoke])")
+    c.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the sweep's train.device)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     d = sub.add_parser("describe", help="print a recipe's layers: mixer, backend, parameters, state size")
     d.add_argument("recipe", help="recipe YAML path or name in ./recipes/")
@@ -152,6 +165,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from seqzoo.compare import run_sweep
+
+    result = run_sweep(args.sweep, out_dir=args.out, smoke=args.smoke, device=args.device,
+                       progress=not args.no_progress)
+    print(f"\n{result.table}\n")
+    print(f"report: {result.report}")
+    for plot in result.plots:
+        print(f"plot: {plot}")
+    if result.failed:
+        print(f"error: no run of {', '.join(result.failed)} finished; see the Failures section of the report",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_describe(args: argparse.Namespace) -> int:
     import seqzoo
 
@@ -188,7 +217,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "describe": _cmd_describe,
-            "list": _cmd_list}
+            "list": _cmd_list, "compare": _cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

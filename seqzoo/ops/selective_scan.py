@@ -113,11 +113,6 @@ class _Prepared:
                 raise ValueError(f"initial_state: expected shape {(batch, dim, n_state)}, got {tuple(initial_state.shape)}")
             self.h0 = rearrange(initial_state.to(dt), "b (g h) n -> b g h n", g=groups)  # (B, G, D/G, N)
 
-    @staticmethod
-    def at(M: Tensor, t: int) -> Tensor:
-        """Time slice t of a B / C tensor (time-invariant ones have a time axis of 1)."""
-        return M[:, :, :, min(t, M.shape[3] - 1)]
-
     def finish(self, y: Tensor, h_last: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None,
                return_final_state: bool) -> Tensor | tuple[Tensor, Tensor]:
         """y: (B, G, D/G, T), h_last: (B, G, D/G, N) -> mamba-ssm's outputs."""
@@ -143,11 +138,14 @@ def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     in the compute dtype (fp32 for half inputs, else u's dtype).
     """
     p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
+    # unbind (not indexing) per step: its backward is one stack, not T full-size scatters.
+    deltas, delta_us = p.delta.unbind(3), p.delta_u.unbind(3)  # T x (B, G, D/G, 1)
+    Bs, Cs = p.B.unbind(3), p.C.unbind(3)  # T (or 1 if time-invariant) x (B, G, D/G, N)
     h, ys = p.h0, []
     for t in range(p.length):
-        # h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t ;  y_t = C_t · h_t      (B, G, D/G, N)
-        h = (p.delta[:, :, :, t] * p.A).exp() * h + p.delta_u[:, :, :, t] * p.at(p.B, t)
-        ys.append((h * p.at(p.C, t)).sum(-1))  # (B, G, D/G)
+        # h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t ;  y_t = C_t · h_t      (B, G, D/G, N)
+        h = torch.addcmul(delta_us[t] * Bs[min(t, len(Bs) - 1)], (deltas[t] * p.A).exp(), h)
+        ys.append((h * Cs[min(t, len(Cs) - 1)]).sum(-1))  # (B, G, D/G)
     y = torch.stack(ys, -1) if ys else p.h0.new_zeros(p.batch, p.groups, p.dim // p.groups, 0)
     return p.finish(y, h, u, D, z, return_final_state)
 
@@ -184,9 +182,12 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     B_, C_ = chunks(p.B, B.dim() == 2), chunks(p.C, C.dim() == 2)  # broadcastable to (B, G, D/G, C, Nc, N)
     A_ = rearrange(p.A, "1 g h n -> 1 g h 1 n")  # (1, G, D/G, 1, N)
 
+    deltas, delta_us = delta.unbind(3), delta_u.unbind(3)  # C x (B, G, D/G, Nc, 1)
+    Bs, Cs = B_.unbind(3), C_.unbind(3)  # C (or 1 if time-invariant) x (B, G, D/G, Nc, N)
+
     def step(h: Tensor, i: int) -> Tensor:
         """Position i of every chunk: h = exp(Δ A) h + Δ u B          (B, G, D/G, Nc, N)"""
-        return (delta[:, :, :, i] * A_).exp() * h + delta_u[:, :, :, i] * p.at(B_, i)
+        return torch.addcmul(delta_us[i] * Bs[min(i, len(Bs) - 1)], (deltas[i] * A_).exp(), h)
 
     # 1) The state at the end of every chunk, started from zero, all chunks at once.
     h = delta.new_zeros(*delta.shape[:3], delta.shape[4], p.n_state)  # (B, G, D/G, Nc, N)
@@ -196,16 +197,16 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
 
     # 2) The true state at the start of every chunk, passed from chunk to chunk.
     state, starts = p.h0, []
-    for c in range(h.shape[3]):
+    for decay_c, h_c in zip(chunk_decay.unbind(3), h.unbind(3)):
         starts.append(state)
-        state = chunk_decay[:, :, :, c] * state + h[:, :, :, c]
+        state = torch.addcmul(h_c, decay_c, state)
     h = torch.stack(starts, 3)  # (B, G, D/G, Nc, N)
 
     # 3) Rerun every chunk from its true start state, reading y out on the way.
     ys = []
     for i in range(size):
         h = step(h, i)
-        ys.append((h * p.at(C_, i)).sum(-1))  # (B, G, D/G, Nc)
+        ys.append((h * Cs[min(i, len(Cs) - 1)]).sum(-1))  # (B, G, D/G, Nc)
     y = rearrange(torch.stack(ys, -1), "b g h c l -> b g h (c l)")[..., :p.length]  # (B, G, D/G, T)
     return p.finish(y, state, u, D, z, return_final_state)
 

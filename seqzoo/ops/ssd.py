@@ -155,11 +155,13 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
     # 3. Inter-chunk recurrence over the K chunk boundaries (linear in T).
     state = (initial_state.to(cdt) if initial_state is not None else x.new_zeros(b, h, p, n))
     state = rearrange(state, "b (g r) p n -> b g r p n", g=g)  # (B, G, R, P, N)
-    chunk_decay = torch.exp(a_cum[..., -1])  # (B, K, G, R)
+    chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # (B, K, G, R, 1, 1)
     starts = []
-    for k in range(chunk_states.shape[1]):
+    # unbind, not [:, k]: indexing in a loop makes autograd allocate a full-size zero
+    # gradient per chunk (quadratic in T); unbind's backward is a single stack.
+    for decay_k, states_k in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
         starts.append(state)
-        state = chunk_decay[:, k, ..., None, None] * state + chunk_states[:, k]
+        state = decay_k * state + states_k
     start_states = torch.stack(starts, 1)  # (B, K, G, R, P, N)
 
     # 4. Contribution of the state entering each chunk, decayed to every position.

@@ -100,7 +100,7 @@ class _RSSPeak:
         self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        if self.start == self.start:  # /proc readable
+        if math.isfinite(self.start):  # /proc readable
             self._thread.start()
 
     @staticmethod
@@ -116,7 +116,7 @@ class _RSSPeak:
             self.peak = max(self.peak, self._rss())
 
     def stop(self) -> float:
-        """Peak growth in MiB over the size at start."""
+        """Peak growth in MiB over the size at start (stopping twice is harmless)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -137,8 +137,9 @@ class _State:
 def train(recipe: Recipe, *, out_dir: str | Path | None = None, steps: int | None = None,
           device: str | None = None, resume: bool = False, overwrite: bool = False,
           progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None,
-          parallel: str | None = None) -> TrainResult:
-    """Train ``recipe``; ``steps`` / ``device`` override the recipe's train settings.
+          parallel: str | None = None, plot: bool = True) -> TrainResult:
+    """Train ``recipe``; ``steps`` / ``device`` override the recipe's train settings;
+    ``plot=False`` skips curves.png (``seqzoo compare`` draws its own).
 
     Launched by ``torchrun`` (WORLD_SIZE > 1) it trains data-parallel: ``parallel`` (or the
     SEQZOO_PARALLEL environment variable) picks "ddp", "fsdp" or "auto" (FSDP for recipes
@@ -155,16 +156,19 @@ def train(recipe: Recipe, *, out_dir: str | Path | None = None, steps: int | Non
     if parallel not in ("auto", "ddp", "fsdp"):
         raise SeqzooError(f"{PARALLEL_ENV}: expected auto, ddp or fsdp, got {parallel!r}")
     info, dev = dist.init(resolve_device(recipe.train.device))
+    rss = _RSSPeak() if dev.type == "cpu" else None
     try:
         return _train(recipe, info=info, dev=dev, out_dir=out_dir, resume=resume, overwrite=overwrite,
-                      progress=progress, on_step=on_step, parallel=parallel)
+                      progress=progress, on_step=on_step, parallel=parallel, plot=plot, rss=rss)
     finally:
+        if rss is not None:
+            rss.stop()
         dist.shutdown(info)
 
 
 def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: str | Path | None,
            resume: bool, overwrite: bool, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None,
-           parallel: str) -> TrainResult:
+           parallel: str, plot: bool, rss: _RSSPeak | None) -> TrainResult:
     spec = recipe.train
     out = Path(out_dir or Path("runs") / recipe.name)
     main = info.is_main
@@ -189,7 +193,6 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    rss = _RSSPeak() if dev.type == "cpu" else None
     torch.manual_seed(spec.seed)
     task = build_task(recipe.task)
     model = LanguageModel(recipe).to(dev)
@@ -298,13 +301,13 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
     bar.close()
     wall = time.perf_counter() - t0
     growth = rss.stop() if rss is not None else torch.cuda.max_memory_allocated(dev) / 2**20
-    plot = plot_curves(log.records(), out / "curves.png", title=recipe.name) if log is not None else None
+    curves = plot_curves(log.records(), out / "curves.png", title=recipe.name) if log is not None and plot else None
     sample = None
     if main and not fsdp and task.name == "bytes" and spec.sample_tokens:
         sample = sample_text(model, task, spec.sample_tokens, dev)
     return TrainResult(out_dir=out, steps=spec.steps, final_eval=last_eval, first_eval=first_eval,
                        wall_time_s=wall, tokens_per_s=tokens / max(wall, 1e-9),
-                       peak_memory_mb=_peak_memory_mb(dev), sample=sample, plot=plot,
+                       peak_memory_mb=_peak_memory_mb(dev), sample=sample, plot=curves,
                        peak_memory_growth_mb=growth, model=model,
                        parallel=strategy if info.enabled else "none")
 

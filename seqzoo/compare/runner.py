@@ -1,0 +1,239 @@
+"""Run a sweep: every model trained by the one harness on identical data, then evaluated at
+each test length; the report and plots are written by ``seqzoo.compare.report``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from seqzoo.compare.schema import ModelEntry, Sweep, load_sweep
+from seqzoo.errors import RecipeError, SeqzooError
+from seqzoo.models.lm import LanguageModel
+from seqzoo.recipes import Recipe, recipe_from_dict, resolve_recipe_path
+from seqzoo.tasks import Task, build_task
+from seqzoo.train.evaluate import evaluate
+from seqzoo.train.loop import TrainingDiverged, _autocast, resolve_device, train
+
+LOWER_IS_BETTER = {"loss", "bpb", "ppl", "perplexity"}
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One (model, learning rate) training run."""
+
+    lr: float
+    out_dir: str
+    final_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    wall_time_s: float = float("nan")
+    tokens_per_s: float = float("nan")
+    peak_memory_mb: float = float("nan")
+    error: str | None = None  # divergence or failure, in one line
+
+
+@dataclasses.dataclass
+class ModelResult:
+    label: str
+    recipe_path: str
+    params: int
+    runs: list[RunResult]
+    best: int | None  # index into runs; None when every run failed
+    by_seq_len: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def best_run(self) -> RunResult | None:
+        return None if self.best is None else self.runs[self.best]
+
+
+@dataclasses.dataclass
+class CompareResult:
+    sweep: Sweep
+    sweep_path: str
+    out_dir: Path
+    headline: str
+    metrics: tuple[str, ...]
+    seq_lens: list[int]
+    train_seq_len: int
+    models: list[ModelResult]
+    smoke: bool
+    device: str
+    data_fingerprint: str
+    wall_time_s: float
+    report: Path | None = None
+    plots: list[Path] = dataclasses.field(default_factory=list)
+    table: str = ""
+
+    @property
+    def failed(self) -> list[str]:
+        """Labels of the models none of whose runs finished."""
+        return [m.label for m in self.models if m.best is None]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _find_recipe(entry: ModelEntry, sweep_path: Path) -> Path:
+    p = Path(entry.recipe)
+    if p.exists():
+        return p
+    beside = sweep_path.parent / entry.recipe
+    if beside.exists():
+        return beside
+    return resolve_recipe_path(entry.recipe)
+
+
+def effective_settings(sweep: Sweep, *, smoke: bool) -> tuple[dict[str, Any], dict[str, Any], list[float], list[int]]:
+    """(task spec, train spec, learning rates, eval lengths) after ``--smoke`` is applied."""
+    task = dict(sweep.task)
+    train = sweep.train.model_dump(mode="json")
+    lrs = list(sweep.lrs or [sweep.train.lr])
+    seq_lens = list(sweep.eval_seq_lens)
+    if smoke:
+        s = sweep.smoke
+        task = _merge(task, s.task)
+        train.update(steps=s.steps, batch_size=min(train["batch_size"], s.batch_size), grad_accum=1,
+                     eval_batches=s.eval_batches, eval_batch_size=s.eval_batch_size, eval_every=s.steps,
+                     ckpt_every=s.steps, log_every=1, warmup_steps=min(train["warmup_steps"], 1), sample_tokens=0)
+        lrs = lrs[:s.lrs]
+        seq_lens = s.eval_seq_lens if s.eval_seq_lens is not None else seq_lens[:2]
+    return task, train, lrs, seq_lens
+
+
+def build_recipes(sweep: Sweep, sweep_path: str | Path, *, smoke: bool = False,
+                  device: str | None = None) -> list[tuple[str, str, Recipe]]:
+    """(label, recipe path, validated recipe) per model: the recipe's model section, the
+    sweep's task and train spec. Every error names the sweep file and the model entry."""
+    sweep_path = Path(sweep_path)
+    task, train, _, _ = effective_settings(sweep, smoke=smoke)
+    if device is not None:
+        train["device"] = device
+    out = []
+    for i, entry in enumerate(sweep.models):
+        where = f"{sweep_path}: models[{i}]"
+        try:
+            path = _find_recipe(entry, sweep_path)
+        except RecipeError:
+            raise RecipeError(str(sweep_path), f"models[{i}].recipe", f"no such recipe file {entry.recipe!r}") from None
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise RecipeError(str(path), "", "expected a mapping at the top level")
+        model = _merge(_merge(data.get("model", {}), sweep.model), entry.model)
+        if "vocab_size" not in {**sweep.model, **entry.model}:
+            model["vocab_size"] = None  # the task's vocabulary, whatever the recipe was written for
+        label = entry.name or data.get("name") or path.stem
+        merged = {"name": label, "description": data.get("description", ""), "model": model,
+                  "task": task, "train": train}
+        try:
+            recipe = recipe_from_dict(merged, path=f"{where} ({path})")
+        except RecipeError as err:
+            raise RecipeError(err.path, err.key, err.message) from None
+        out.append((label, str(path), recipe))
+    labels = [label for label, _, _ in out]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise RecipeError(str(sweep_path), "models", f"two models are labelled {dupes[0]!r}; give one a `name:`")
+    return out
+
+
+def data_fingerprint(task: Task, batch_size: int, steps: int) -> str:
+    """A hash of the first and last training batches: the same for every model of a sweep."""
+    h = hashlib.sha1()
+    for step in sorted({0, steps - 1}):
+        for t in task.train_batch(step, batch_size):
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _pick_best(runs: list[RunResult], headline: str) -> int | None:
+    ok = [i for i, r in enumerate(runs) if r.error is None and math.isfinite(r.final_eval.get(headline, math.nan))]
+    if not ok:
+        return None
+    sign = 1 if higher_is_better(headline) else -1
+    # Ties go to the smaller learning rate (listed first after sorting).
+    return max(ok, key=lambda i: (sign * runs[i].final_eval[headline], -runs[i].lr))
+
+
+def run_sweep(path: str | Path, *, out_dir: str | Path | None = None, smoke: bool = False,
+              device: str | None = None, progress: bool = True,
+              echo: Callable[[str], None] = print) -> CompareResult:
+    from seqzoo.compare.report import write_report
+
+    path = Path(path)
+    sweep = load_sweep(path)
+    recipes = build_recipes(sweep, path, smoke=smoke, device=device)  # all validated before training
+    task_spec, train_spec, lrs, seq_lens = effective_settings(sweep, smoke=smoke)
+    task = build_task(task_spec)
+    train_seq_len = task.config.seq_len
+    seq_lens = seq_lens or [train_seq_len]
+    out = Path(out_dir or Path("runs") / "compare" / (sweep.name + ("-smoke" if smoke else "")))
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device or train_spec["device"])
+    headline = task.metrics[0]
+    fingerprint = data_fingerprint(task, train_spec["batch_size"], train_spec["steps"])
+    t0 = time.perf_counter()
+    models: list[ModelResult] = []
+    for label, recipe_path, recipe in recipes:
+        runs, trained = [], {}
+        params = LanguageModel(recipe).num_params()
+        for lr in sorted(lrs):
+            run_recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"lr": lr})})
+            run_dir = out / label / f"lr-{lr:g}"
+            echo(f"[{label}] lr={lr:g} -> {run_dir}")
+            try:
+                res = train(run_recipe, out_dir=run_dir, overwrite=True, progress=progress, device=str(dev),
+                            plot=False)
+            except TrainingDiverged as err:
+                runs.append(RunResult(lr=lr, out_dir=str(run_dir), error=f"diverged: {err}"))
+                echo(f"[{label}] lr={lr:g} diverged")
+                continue
+            except (NotImplementedError, SeqzooError, RuntimeError) as err:
+                runs.append(RunResult(lr=lr, out_dir=str(run_dir), error=f"{type(err).__name__}: {err}".splitlines()[0]))
+                echo(f"[{label}] lr={lr:g} failed: {runs[-1].error}")
+                continue
+            trained[len(runs)] = res.model
+            runs.append(RunResult(lr=lr, out_dir=str(run_dir), final_eval=res.final_eval,
+                                  wall_time_s=res.wall_time_s, tokens_per_s=res.tokens_per_s,
+                                  peak_memory_mb=res.peak_memory_growth_mb))
+        best = _pick_best(runs, headline)
+        result = ModelResult(label=label, recipe_path=recipe_path, params=params, runs=runs, best=best)
+        if best is not None:
+            model = trained[best]
+            eval_bs = train_spec["eval_batch_size"] or train_spec["batch_size"]
+            n_batches = train_spec["eval_batches"] if smoke else sweep.eval_batches
+            for length in seq_lens:
+                result.by_seq_len[length] = evaluate(model, task, n_batches=n_batches, batch_size=eval_bs,
+                                                     device=dev, seq_len=length,
+                                                     autocast=_autocast(train_spec["precision"], dev))
+        models.append(result)
+        trained.clear()
+    compare = CompareResult(sweep=sweep, sweep_path=str(path), out_dir=out, headline=headline,
+                            metrics=task.metrics, seq_lens=seq_lens, train_seq_len=train_seq_len, models=models,
+                            smoke=smoke, device=str(dev), data_fingerprint=fingerprint,
+                            wall_time_s=time.perf_counter() - t0)
+    write_report(compare, task_spec=task_spec, train_spec=train_spec, lrs=sorted(lrs))
+    (out / "results.json").write_text(json.dumps(results_json(compare), indent=1))
+    return compare
+
+
+def results_json(c: CompareResult) -> dict[str, Any]:
+    return {"sweep": c.sweep_path, "smoke": c.smoke, "device": c.device, "headline": c.headline,
+            "train_seq_len": c.train_seq_len, "data_fingerprint": c.data_fingerprint,
+            "torch": torch.__version__, "python": platform.python_version(), "wall_time_s": c.wall_time_s,
+            "models": [dataclasses.asdict(m) for m in c.models]}
