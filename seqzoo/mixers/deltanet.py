@@ -97,7 +97,9 @@ class DeltaNet(TokenMixer):
         taps = self.config.conv_size - 1 if self.config.use_short_conv else 0
         key_dim, value_dim = self.n_heads * self.head_k, self.n_heads * self.head_v
         zeros = lambda dim: torch.zeros(batch_size, dim, taps, device=device, dtype=dtype)  # noqa: E731
-        memory = torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=dtype)
+        # The fast-weight memory accumulates over the whole sequence: fp32 under half precision.
+        mem_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        memory = torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=mem_dtype)
         return DeltaNetState(zeros(key_dim), zeros(key_dim), zeros(value_dim), memory)
 
     # -- pieces shared by forward and step (x: (B, T, D)) ---------------------------------

@@ -4,7 +4,7 @@ with Delta Rule", ICLR 2025): the delta rule with Mamba2's data-dependent scalar
     S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t / √K,
     α_t = exp(−exp(A_log) · softplus(x_t w_a + dt_bias))   per head,
 
-initialised as in Mamba2 / the authors' release: A = exp(A_log) ~ U(0, 16) and
+initialised as in the authors' release (Mamba2-style): A = exp(A_log) ~ U(0, 16) and
 softplus(dt_bias) = Δ ~ logU(0.001, 0.1) (floored at 1e-4). Everything else is DeltaNet's
 parameterisation (short conv + SiLU on q, k, v, L2-normalised q, k, β = σ(x w_β) or
 β ∈ (0, 2) with ``allow_neg_eigval``), with the paper's output block: per-head RMSNorm

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["chunk_delta_rule", "unit_lower_inverse", "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_step"]
+__all__ = ["chunk_delta_rule", "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_step",
+           "unit_lower_inverse"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -46,15 +47,18 @@ def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: Tensor
     """One token of the (gated) delta rule; the readable recurrence the chunked form must match.
 
     q, k: (B, H, K), v: (B, H, V), beta, g: (B, H), state: (B, H, K, V) -> o (B, H, V), new state.
+    Computed in the state's dtype (fp32 for a half-precision model); o comes back in v's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
+    q, k, v, beta = (z.to(state.dtype) for z in (q, k, v, beta))
     if g is not None:
-        state = state * g.exp()[..., None, None]
+        state = state * g.to(state.dtype).exp()[..., None, None]
     # u_t = β_t (v_t − Sᵀ k_t): the correction that makes S map k_t (closer) to v_t.
     u = beta[..., None] * (v - torch.einsum("bhk,bhkv->bhv", k, state))  # (B, H, V)
     state = state + torch.einsum("bhk,bhv->bhkv", k, u)  # (B, H, K, V)
     o = torch.einsum("bhk,bhkv->bhv", q * scale, state)  # (B, H, V)
-    return o, state
+    return o.to(out_dtype), state
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, *,

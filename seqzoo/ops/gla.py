@@ -11,10 +11,13 @@ Layout (B, T, H, D), gates g: (B, T, H, K) for gla and (B, T, H) for simple_gla,
 (B, H, K, V). Every op returns ``(o, final_state)``; final_state is None unless asked for.
 
 Each op has a readable per-token recurrent form and a chunked form (paper sec. 4.2-4.3).
-The chunked GLA form uses the paper's secondary chunking: inside a chunk, blocks between
-two different sub-chunks are matmuls against a reference point between them (every exponent
-<= 0), and only the diagonal sub-chunk blocks are computed elementwise in log space, so no
-exp(-cumsum) ever overflows, whatever the gates.
+Inside a chunk, GLA's scores need exp(b_i - b_j) per key dim (b: cumulative log gates),
+which a matmul can only form as exp(b_i - ref) * exp(ref - b_j). The chunked GLA form does
+that around the chunk's mid-range when the factors cannot overflow (the usual case, one
+matmul per chunk), and otherwise falls back to the paper's secondary chunking: blocks between
+sub-chunks use a reference between them (every exponent <= 0), diagonal blocks whose own
+range is too wide are computed elementwise in log space. No exp(-cumsum) ever overflows,
+whatever the gates.
 """
 
 from __future__ import annotations
@@ -135,12 +138,16 @@ def _scores_factored(qc: Tensor, kc: Tensor, b: Tensor, ref: Tensor) -> Tensor:
 
 
 def _scores_secondary(qc: Tensor, kc: Tensor, b: Tensor, c: int) -> Tensor:
-    """Secondary chunking (paper sec. 4.3), stable for any gates: blocks between query
-    sub-chunk I and an earlier key sub-chunk J are matmuls of q_i exp(b_i - r_J) and
-    k_j exp(r_J - b_j), r_J = b at the end of J (both exponents <= 0); diagonal blocks use
-    the exact elementwise form sum_k q_ik k_jk exp(b_ik - b_jk).
-    qc, kc, b: (B, H, N, C, K) -> scores (B, H, N, C, C), causal."""
+    """Secondary chunking (paper sec. 4.3), stable for any gates. qc, kc, b: (B, H, N, C, K)
+    -> scores (B, H, N, C, C), causal.
+
+    Blocks between query sub-chunk I and an earlier key sub-chunk J are matmuls of
+    q_i exp(b_i - r_J) and k_j exp(r_J - b_j), r_J = b at the end of J (both exponents <= 0).
+    Diagonal blocks are factored around their own mid-range where that is safe, and use
+    the exact elementwise sum_k q_ik k_jk exp(b_ik - b_jk) in sub-chunks where it is not.
+    """
     m = qc.shape[-2] // c
+    limit = FACTORED_LIMIT.get(qc.dtype, 20.0)
     qs, ks, bs = (rearrange(z, "b h n (m c) k -> b h n m c k", c=c) for z in (qc, kc, b))  # (B, H, N, m, c, K)
     ref = bs[..., -1, :]  # (B, H, N, m, K): r_J
     k_ref = ks * (ref[..., None, :] - bs).exp()  # (B, H, N, J, c, K)
@@ -149,10 +156,19 @@ def _scores_secondary(qc: Tensor, kc: Tensor, b: Tensor, c: int) -> Tensor:
     expo = expo.masked_fill(~later[:, :, None, None], float("-inf"))
     q_ref = qs[..., :, None, :, :] * expo.exp()  # (B, H, N, I, J, c, K)
     scores = torch.einsum("bhnijck,bhnjdk->bhnicjd", q_ref, k_ref)  # (B, H, N, I, c, J, c)
-    diff = bs[..., :, None, :] - bs[..., None, :, :]  # (B, H, N, m, c, c, K)
+
+    hi, lo = bs.detach().amax(-2, keepdim=True), bs.detach().amin(-2, keepdim=True)  # (B, H, N, m, 1, K)
+    # Clamped so that unsafe sub-chunks stay finite (they are overwritten below).
+    centred = (bs - (hi + lo) / 2).clamp(-limit, limit)  # (B, H, N, m, c, K)
+    diag = (qs * centred.exp()) @ (ks * (-centred).exp()).transpose(-1, -2)  # (B, H, N, m, c, c)
     inside = causal_mask(c, device=qc.device)
-    diff = diff.masked_fill(~inside[:, :, None], float("-inf"))
-    diag = (qs[..., :, None, :] * ks[..., None, :, :] * diff.exp()).sum(-1)  # (B, H, N, m, c, c)
+    diag = diag.masked_fill(~inside, 0.0)
+    unsafe = (hi - lo).amax(-1)[..., 0] / 2 > limit  # (B, H, N, m)
+    if bool(unsafe.any()):
+        qu, ku, bu = qs[unsafe], ks[unsafe], bs[unsafe]  # (P, c, K): the unsafe sub-chunks only
+        diff = (bu[:, :, None, :] - bu[:, None, :, :]).masked_fill(~inside[:, :, None], float("-inf"))  # (P, c, c, K)
+        exact = (qu[:, :, None, :] * ku[:, None, :, :] * diff.exp()).sum(-1)  # (P, c, c)
+        diag = diag.masked_scatter(unsafe[..., None, None].expand_as(diag), exact)
     eye = torch.eye(m, dtype=qc.dtype, device=qc.device)
     scores = scores + torch.einsum("bhnicd,ij->bhnicjd", diag, eye)
     return rearrange(scores, "b h n i c j d -> b h n (i c) (j d)")  # (B, H, N, C, C)

@@ -56,19 +56,21 @@ def _groups(M: Tensor, n_channels: int) -> int:
 
 
 def _as_groups(M: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
-    """B or C as a tensor broadcastable to (B, G, D/G, T, N) for ``groups`` = G."""
+    """B or C time-major, broadcastable to (B, T, G, D/G, N) for ``groups`` = G."""
     M = M.to(dtype)
     if M.dim() == 2:
-        return rearrange(M, "(g h) n -> 1 g h 1 n", g=groups)  # (1, G, D/G, 1, N)
+        return rearrange(M, "(g h) n -> 1 1 g h n", g=groups)  # (1, 1, G, D/G, N)
     if M.dim() == 3:
-        return rearrange(M, "b n t -> b 1 1 t n")  # (B, 1, 1, T, N)
+        return rearrange(M, "b n t -> b t 1 1 n")  # (B, T, 1, 1, N)
     # G divides ``groups`` (both divide D): sub-group g*r + i lies inside group g.
-    return repeat(M, "b g n t -> b (g r) 1 t n", r=groups // M.shape[1])  # (B, G', 1, T, N)
+    return repeat(M, "b g n t -> b t (g r) 1 n", r=groups // M.shape[1])  # (B, T, G, 1, N)
 
 
 class _Prepared:
-    """The discretised inputs shared by both forms, in a (B, G, D/G, T, N) layout so that
-    grouped B, C broadcast without being repeated over the channels of a group."""
+    """The inputs of both forms, time-major in a (B, T, G, D/G, ...) layout, so that one
+    time step is one contiguous slice and grouped B, C broadcast over the channels of their
+    group without being repeated. Δ A and Δ u B, (B, T, D, N) each, are never formed for
+    the whole sequence: the loops form them one slice at a time."""
 
     def __init__(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                  delta_bias: Tensor | None, delta_softplus: bool,
@@ -86,9 +88,11 @@ class _Prepared:
         for name, M, g in (("B", B, gb), ("C", C, gc)):
             if dim % g != 0:
                 raise ValueError(f"{name}: {g} groups do not divide D={dim}")
-            n_axis = 1 if M.dim() == 2 else -2
-            if M.shape[n_axis] != n_state or (M.dim() > 2 and (M.shape[0] != batch or M.shape[-1] != length)):
-                raise ValueError(f"{name}: shape {tuple(M.shape)} does not match B={batch}, N={n_state}, T={length}")
+            ok = (M.shape == (dim, n_state) if M.dim() == 2 else
+                  M.shape[0] == batch and M.shape[-2] == n_state and M.shape[-1] == length)
+            if not ok:
+                raise ValueError(f"{name}: shape {tuple(M.shape)} does not match B={batch}, D={dim}, "
+                                 f"N={n_state}, T={length}")
         groups = gb * gc // math.gcd(gb, gc)
         self.dtype = dt = _compute_dtype(u.dtype)
         self.batch, self.dim, self.length, self.n_state, self.groups = batch, dim, length, n_state, groups
@@ -98,14 +102,13 @@ class _Prepared:
             delta = delta + rearrange(delta_bias.to(dt), "d -> d 1")
         if delta_softplus:
             delta = F.softplus(delta)
-        # Kept factored: the (B, D, T, N) products Δ_t A and Δ_t B_t u_t are formed one
-        # time slice at a time inside the loops, where they stay in cache.
-        to_g = "b (g h) t -> b g h t 1"
-        self.delta = rearrange(delta, to_g, g=groups)  # (B, G, D/G, T, 1)
-        self.delta_u = rearrange(delta * u.to(dt), to_g, g=groups)  # (B, G, D/G, T, 1)
-        self.A = rearrange(A.to(dt), "(g h) n -> 1 g h n", g=groups)  # (1, G, D/G, N)
-        self.B = _as_groups(B, groups, dt)  # broadcastable to (B, G, D/G, T, N)
-        self.C = _as_groups(C, groups, dt)  # broadcastable to (B, G, D/G, T, N)
+        to_g = "b (g h) t -> b t g h 1"
+        self.delta = rearrange(delta, to_g, g=groups)  # (B, T, G, D/G, 1)
+        self.delta_u = rearrange(delta * u.to(dt), to_g, g=groups)  # (B, T, G, D/G, 1)
+        self.A = rearrange(A.to(dt), "(g h) n -> g h n", g=groups)  # (G, D/G, N)
+        self.B = _as_groups(B, groups, dt)  # broadcastable to (B, T, G, D/G, N)
+        self.C = _as_groups(C, groups, dt)
+        self.static_B, self.static_C = B.dim() == 2, C.dim() == 2
         if initial_state is None:
             self.h0 = u.new_zeros(batch, groups, dim // groups, n_state, dtype=dt)
         else:
@@ -115,16 +118,21 @@ class _Prepared:
 
     def finish(self, y: Tensor, h_last: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None,
                return_final_state: bool) -> Tensor | tuple[Tensor, Tensor]:
-        """y: (B, G, D/G, T), h_last: (B, G, D/G, N) -> mamba-ssm's outputs."""
-        out = rearrange(y, "b g h t -> b (g h) t")  # (B, D, T)
+        """y: (B, D, T), h_last: (B, G, D/G, N) -> mamba-ssm's outputs."""
         if D is not None:
-            out = out + u.to(self.dtype) * rearrange(D.to(self.dtype), "d -> d 1")
+            y = y + u.to(self.dtype) * rearrange(D.to(self.dtype), "d -> d 1")
         if z is not None:
-            out = out * F.silu(z.to(self.dtype))
-        out = out.to(u.dtype)
+            y = y * F.silu(z.to(self.dtype))
+        y = y.to(u.dtype)
         if not return_final_state:
-            return out
-        return out, rearrange(h_last, "b g h n -> b (g h) n")  # (B, D, N)
+            return y
+        return y, rearrange(h_last, "b g h n -> b (g h) n")  # (B, D, N)
+
+
+def _slices(x: Tensor, static: bool, n: int) -> list[Tensor]:
+    """The n time slices of x along dim 1 (a time-invariant x repeats its one slice).
+    unbind, not indexing: its backward is one stack instead of n full-size scatters."""
+    return [x[:, 0]] * n if static else list(x.unbind(1))
 
 
 def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -138,16 +146,16 @@ def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     in the compute dtype (fp32 for half inputs, else u's dtype).
     """
     p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
-    # unbind (not indexing) per step: its backward is one stack, not T full-size scatters.
-    deltas, delta_us = p.delta.unbind(3), p.delta_u.unbind(3)  # T x (B, G, D/G, 1)
-    Bs, Cs = p.B.unbind(3), p.C.unbind(3)  # T (or 1 if time-invariant) x (B, G, D/G, N)
+    T = p.length
+    deltas, delta_us = p.delta.unbind(1), p.delta_u.unbind(1)  # T x (B, G, D/G, 1)
+    Bs, Cs = _slices(p.B, p.static_B, T), _slices(p.C, p.static_C, T)  # T x (B, G, 1|D/G, N)
     h, ys = p.h0, []
-    for t in range(p.length):
+    for t in range(T):
         # h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t ;  y_t = C_t · h_t      (B, G, D/G, N)
-        h = torch.addcmul(delta_us[t] * Bs[min(t, len(Bs) - 1)], (deltas[t] * p.A).exp(), h)
-        ys.append((h * Cs[min(t, len(Cs) - 1)]).sum(-1))  # (B, G, D/G)
-    y = torch.stack(ys, -1) if ys else p.h0.new_zeros(p.batch, p.groups, p.dim // p.groups, 0)
-    return p.finish(y, h, u, D, z, return_final_state)
+        h = torch.addcmul(delta_us[t] * Bs[t], (deltas[t] * p.A).exp(), h)
+        ys.append((h * Cs[t]).sum(-1, keepdim=True))  # (B, G, D/G, 1)
+    y = torch.stack(ys, 1) if ys else p.h0.new_zeros(p.batch, 0, *p.h0.shape[1:3], 1)  # (B, T, G, D/G, 1)
+    return p.finish(rearrange(y, "b t g h 1 -> b (g h) t"), h, u, D, z, return_final_state)
 
 
 def default_chunk_size(length: int) -> int:
@@ -163,51 +171,47 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     """The same scan in chunks of ``chunk_size`` tokens (default ≈ √T); see the module doc."""
     p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
     if p.length == 0:
-        return p.finish(p.h0.new_zeros(*p.h0.shape[:3], 0), p.h0, u, D, z, return_final_state)
+        return p.finish(u.new_zeros(p.batch, p.dim, 0, dtype=p.dtype), p.h0, u, D, z, return_final_state)
     size = chunk_size or default_chunk_size(p.length)
     if size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
     size = min(size, p.length)
     pad = -p.length % size
 
-    def chunks(x: Tensor, time_invariant: bool = False) -> Tensor:
-        if time_invariant:  # B / C of shape (D, N): one slice serves every position
-            return rearrange(x, "b g h t n -> b g h t 1 n")  # (B, G, D/G, 1, 1, N)
-        x = F.pad(x, (0, 0, 0, pad))
-        # In-chunk position first, so that one position of every chunk is one slice.
-        return rearrange(x, "b g h (c l) n -> b g h l c n", l=size)  # (B, G, D/G, C, Nc, N)
+    def chunks(x: Tensor, static: bool = False) -> list[Tensor]:
+        """C slices, slice i holding position i of every chunk: (B, Nc, G, D/G|1, ...)."""
+        if static:
+            return [x[:, 0]] * size
+        x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad))  # zero-pad time (dim 1)
+        x = rearrange(x, "b (c l) g h n -> b l c g h n", l=size).contiguous()  # (B, C, Nc, G, H, N)
+        return list(x.unbind(1))  # contiguous slices, one per in-chunk position
 
-    delta = chunks(p.delta)  # (B, G, D/G, C, Nc, 1); padding: Δ = 0, no decay, no input
-    delta_u = chunks(p.delta_u)  # (B, G, D/G, C, Nc, 1)
-    B_, C_ = chunks(p.B, B.dim() == 2), chunks(p.C, C.dim() == 2)  # broadcastable to (B, G, D/G, C, Nc, N)
-    A_ = rearrange(p.A, "1 g h n -> 1 g h 1 n")  # (1, G, D/G, 1, N)
-
-    deltas, delta_us = delta.unbind(3), delta_u.unbind(3)  # C x (B, G, D/G, Nc, 1)
-    Bs, Cs = B_.unbind(3), C_.unbind(3)  # C (or 1 if time-invariant) x (B, G, D/G, Nc, N)
-
-    def step(h: Tensor, i: int) -> Tensor:
-        """Position i of every chunk: h = exp(Δ A) h + Δ u B          (B, G, D/G, Nc, N)"""
-        return torch.addcmul(delta_us[i] * Bs[min(i, len(Bs) - 1)], (deltas[i] * A_).exp(), h)
+    # Padding: Δ = 0 means decay exp(0) = 1 and input 0, so the state passes through.
+    deltas, delta_us = chunks(p.delta), chunks(p.delta_u)  # C x (B, Nc, G, D/G, 1)
+    Bs, Cs = chunks(p.B, p.static_B), chunks(p.C, p.static_C)  # C x (B, Nc, G, 1|D/G, N)
 
     # 1) The state at the end of every chunk, started from zero, all chunks at once.
-    h = delta.new_zeros(*delta.shape[:3], delta.shape[4], p.n_state)  # (B, G, D/G, Nc, N)
-    for i in range(size):
-        h = step(h, i)
-    chunk_decay = (delta.sum(3) * A_).exp()  # (B, G, D/G, Nc, N): exp(A Σ_chunk Δ) ≤ 1
+    #    The per-position decays and inputs are kept for the third step.
+    decays = [(d * p.A).exp() for d in deltas]  # C x (B, Nc, G, D/G, N): exp(Δ A)
+    inputs = [du * b for du, b in zip(delta_us, Bs)]  # C x (B, Nc, G, D/G, N): Δ u B
+    h = torch.zeros_like(decays[0])
+    for decay, x in zip(decays, inputs):
+        h = torch.addcmul(x, decay, h)
+    chunk_decay = (sum(deltas) * p.A).exp()  # (B, Nc, G, D/G, N): exp(A Σ_chunk Δ) ≤ 1
 
     # 2) The true state at the start of every chunk, passed from chunk to chunk.
     state, starts = p.h0, []
-    for decay_c, h_c in zip(chunk_decay.unbind(3), h.unbind(3)):
+    for decay_c, h_c in zip(chunk_decay.unbind(1), h.unbind(1)):
         starts.append(state)
         state = torch.addcmul(h_c, decay_c, state)
-    h = torch.stack(starts, 3)  # (B, G, D/G, Nc, N)
+    h = torch.stack(starts, 1)  # (B, Nc, G, D/G, N)
 
     # 3) Rerun every chunk from its true start state, reading y out on the way.
     ys = []
-    for i in range(size):
-        h = step(h, i)
-        ys.append((h * Cs[min(i, len(Cs) - 1)]).sum(-1))  # (B, G, D/G, Nc)
-    y = rearrange(torch.stack(ys, -1), "b g h c l -> b g h (c l)")[..., :p.length]  # (B, G, D/G, T)
+    for decay, x, c in zip(decays, inputs, Cs):
+        h = torch.addcmul(x, decay, h)
+        ys.append((h * c).sum(-1, keepdim=True))  # (B, Nc, G, D/G, 1)
+    y = rearrange(torch.stack(ys, 1), "b l c g h 1 -> b (g h) (c l)")[..., :p.length]  # (B, D, T)
     return p.finish(y, state, u, D, z, return_final_state)
 
 

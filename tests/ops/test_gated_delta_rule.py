@@ -148,3 +148,17 @@ def test_oracle_fla_chunk_fp32(t):
     o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=8, initial_state=s0, output_final_state=True)
     assert_close(o, o_fla, torch.float32, "vs fla naive_chunk_gated_delta_rule")
     assert_close(s, s_fla, torch.float32, "final state vs fla")
+
+
+def test_bfloat16_inputs_run_in_fp32():
+    """Half-precision inputs are computed in fp32: judged by the relative error of the whole
+    tensor against the fp64 recurrence (as the kernel libraries judge bf16)."""
+    x64 = make_inputs(2, 50, 2, 16, 8, seed=9)
+    q, k, v, g, beta, s0 = (z.to(torch.bfloat16) for z in x64)
+    o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=16, initial_state=s0.float(), output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    o_ref, _ = gated_delta_rule_recurrent(*(z.double() for z in (q, k, v, g, beta)), initial_state=s0.double())
+    rel = (o.double() - o_ref).norm() / o_ref.norm()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+    o_step, s_step = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0.float())
+    assert o_step.dtype == torch.bfloat16 and s_step.dtype == torch.float32

@@ -106,6 +106,23 @@ def test_strong_decay_is_stable_in_fp32():
     assert_close(s, s_ref, torch.float32)
 
 
+@pytest.mark.parametrize("intra", ["auto", "secondary"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_decay_uses_exact_blocks_only_where_needed(intra, dtype):
+    # Gates that fall off a cliff in a few sub-chunks only: safe and unsafe diagonal blocks
+    # in the same call (the fp64 limit is wider, hence the larger cliff there).
+    q, k, v, g, s0 = make_inputs(2, 90, 2, 4, 3, dtype=dtype, seed=4)
+    cliff = 60.0 if dtype == torch.float32 else 600.0
+    g = g.clone()
+    g[0, 20:30, 0] *= cliff
+    g[1, 50:52, 1, :2] *= cliff
+    o_ref, s_ref = gla_recurrent(q, k, v, g, initial_state=s0, output_final_state=True)
+    o, s = gla_chunked(q, k, v, g, chunk_size=32, intra=intra, initial_state=s0, output_final_state=True)
+    assert torch.isfinite(o).all()
+    assert_close(o, o_ref, dtype)
+    assert_close(s, s_ref, dtype)
+
+
 def test_half_precision_is_computed_in_fp32():
     q, k, v, g, _ = make_inputs(1, 33, 2, 8, 8, dtype=torch.float64, seed=2)
     o_ref, _ = gla(q, k, v, g, chunk_size=16)

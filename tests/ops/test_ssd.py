@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from seqzoo.ops.ssd import segsum, ssd, ssd_sequential, ssd_step
 from tests.helpers import assert_close
+from tests.ops import fla_oracle
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -158,11 +159,12 @@ def test_bad_shapes_are_rejected_with_a_clear_error():
 
 
 # -- external oracle --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @given(prob=problems(), chunk=st.sampled_from([1, 4, 16]))
-def test_matches_fla_naive_recurrent_simple_gla(prob, chunk):
-    naive = pytest.importorskip("fla.ops.simple_gla.naive")
+def test_matches_fla_naive_recurrent_simple_gla(dtype, prob, chunk):
+    naive = fla_oracle.naive("simple_gla")
     prob["d_mode"] = "none"  # the D skip is outside linear attention; checked by the tests above
-    args = make_inputs(**prob, dtype=torch.float32)
+    args = make_inputs(**prob, dtype=dtype)
     x, dt, A, B, C, s0 = (args[k] for k in ("x", "dt", "A", "B", "C", "initial_state"))
     r = prob["h"] // prob["g"]
     # mamba-ssm's group convention: head h reads group h // (H/G).
@@ -170,8 +172,9 @@ def test_matches_fla_naive_recurrent_simple_gla(prob, chunk):
     k = repeat(B, "b t g n -> b t (g r) n", r=r)  # (B, T, H, N)
     v = x * dt[..., None]  # (B, T, H, P)
     fla_s0 = rearrange(s0, "b h p n -> b h n p") if s0 is not None else None  # fla keeps (K, V)
-    o, s_fla = naive.naive_recurrent_simple_gla(q, k, v, dt * A, scale=1.0, initial_state=fla_s0,
-                                                output_final_state=True)
+    o, s_fla = fla_oracle.call(naive.naive_recurrent_simple_gla, q, k, v, dt * A, scale=1.0,
+                               initial_state=fla_s0, output_final_state=True, dtype=dtype)
+    assert o.dtype == dtype and s_fla.dtype == dtype  # the oracle really ran at this precision
     y, s = ssd(**args, chunk_size=chunk, output_final_state=True)
-    assert_close(y, o, torch.float32, "y vs fla naive_recurrent_simple_gla")
-    assert_close(s, rearrange(s_fla, "b h n p -> b h p n"), torch.float32, "final state vs fla")
+    assert_close(y, o, dtype, "y vs fla naive_recurrent_simple_gla")
+    assert_close(s, rearrange(s_fla, "b h n p -> b h p n"), dtype, "final state vs fla")

@@ -44,7 +44,7 @@ def _torchrun(recipe: Path, out: Path, parallel: str, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single")
-    train(seqzoo.recipe_from_dict(RECIPE), out_dir=out, progress=False)
+    train(seqzoo.recipe_from_dict(RECIPE), out_dir=out, progress=False, plot=False)
     return out
 
 

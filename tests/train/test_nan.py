@@ -39,7 +39,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, bad
     monkeypatch.setattr(loop, "token_loss", poisoned)
     recipe = seqzoo.recipe_from_dict(RECIPE)
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step 6.*step-0000004"):
-        train(recipe, out_dir=tmp_path, progress=False)
+        train(recipe, out_dir=tmp_path, progress=False, plot=False)
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "step-0000004" and ckpt.read_state(latest)["step"] == 4
     model = seqzoo.build_model(recipe)
@@ -49,7 +49,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, bad
 
     # The intact checkpoint resumes and, without the fault, trains to the end.
     monkeypatch.setattr(loop, "token_loss", real)
-    result = train(recipe, out_dir=tmp_path, progress=False, resume=True)
+    result = train(recipe, out_dir=tmp_path, progress=False, resume=True, plot=False)
     assert result.steps == 10 and ckpt.latest_checkpoint(tmp_path).name == "step-0000010"
 
 
@@ -65,5 +65,5 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", exploding)
     with pytest.raises(TrainingDiverged, match="gradient norm became inf at step 2.*none yet"):
-        train(recipe, out_dir=tmp_path, progress=False)
+        train(recipe, out_dir=tmp_path, progress=False, plot=False)
     assert ckpt.latest_checkpoint(tmp_path) is None
