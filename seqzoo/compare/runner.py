@@ -183,6 +183,8 @@ def run_sweep(path: str | Path, *, out_dir: str | Path | None = None, smoke: boo
     train_seq_len = task.config.seq_len
     seq_lens = seq_lens or [train_seq_len]
     out = Path(out_dir or Path("runs") / "compare" / (sweep.name + ("-smoke" if smoke else "")))
+    if out.exists() and not out.is_dir():
+        raise SeqzooError(f"--out: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or train_spec["device"])
     headline = task.metrics[0]

@@ -77,7 +77,7 @@ class Mamba(TokenMixer):
     name = "mamba"
     Config = MambaConfig
     test_space = {"d_state": [1, 4], "expand": [1, 2], "d_conv": [2, 4],
-                  "scan": ["chunked", "sequential"], "chunk_size": [None, 1, 3, 8]}
+                  "scan": ["chunked", "sequential"], "chunk_size": [None, 3, 8]}
 
     def __init__(self, config: MambaConfig, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)

@@ -130,7 +130,6 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
     dtype, cdt = x.dtype, _compute_dtype(x)
     b, t, h, p = x.shape
     n = B.shape[-1]
-    x_in = x
     x, dt, A, B, C = (z.to(cdt) for z in (x, dt, A, B, C))
     pad = (-t) % chunk_size
     if pad:
@@ -149,7 +148,7 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
     y = torch.einsum("bkgts,bkgrts,bksgrp->bktgrp", scores, L, xdt)  # (B, K, C, G, R, P)
 
     # 2. State each chunk adds by its end, from its own tokens only.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (B, K, G, R, C); exponent ≤ 0 in-chunk
+    decay_to_end = L[..., -1, :]  # (B, K, G, R, C): the stable segsum's last row, not a_end - a_s
     chunk_states = torch.einsum("bkcgn,bkgrc,bkcgrp->bkgrpn", Bc, decay_to_end, xdt)  # (B, K, G, R, P, N)
 
     # 3. Inter-chunk recurrence over the K chunk boundaries (linear in T).
@@ -169,4 +168,4 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
     y = rearrange(y, "b k c g r p -> b (k c) (g r) p")[:, :t]  # (B, T, H, P)
     y = y + _skip(x[:, :t], D.to(cdt) if D is not None else None)
     final = rearrange(state, "b g r p n -> b (g r) p n").to(dtype) if output_final_state else None
-    return y.to(x_in.dtype), final
+    return y.to(dtype), final

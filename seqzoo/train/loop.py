@@ -216,8 +216,8 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
         start = state["step"]
         if log is not None:
             log.truncate_after(start)
-    elif resume and log is not None:
-        log.truncate_after(-1)
+    elif log is not None:
+        log.truncate_after(-1)  # a fresh start: drop records a run killed before its first checkpoint left
 
     autocast = _autocast(spec.precision, dev)
     eval_bs = spec.eval_batch_size or spec.batch_size

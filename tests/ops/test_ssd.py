@@ -127,6 +127,18 @@ def test_segsum_matches_explicit_sums_and_is_stable():
     assert (big.cumsum(0)[3] - big.cumsum(0)[1]).item() != -2.0  # the naive form fails here
 
 
+def test_fp32_stays_accurate_after_a_huge_decay_inside_a_chunk():
+    """One enormous dt early in a chunk makes the in-chunk prefix sums of dt·A huge; decays
+    computed as differences of those sums would lose fp32 precision (the segsum concern)."""
+    args = make_inputs(b=1, t=16, h=2, g=1, p=2, n=3, dtype=torch.float64, seed=8, with_state=False)
+    args["dt"][:, 1] = 1e5
+    y_ref, s_ref = ssd_sequential(**args, output_final_state=True)
+    y, s = ssd(**{k: (v.float() if v is not None else None) for k, v in args.items()}, chunk_size=16,
+               output_final_state=True)
+    assert_close(y, y_ref.float(), torch.float32)
+    assert_close(s, s_ref.float(), torch.float32)
+
+
 def test_long_sequence_strong_decay_is_finite_with_gradients():
     args = make_inputs(b=1, t=600, h=2, g=1, p=2, n=4, dtype=torch.float32, seed=5)
     args["dt"] = args["dt"] * 20  # exp(dt·A) underflows over a chunk; must stay finite
