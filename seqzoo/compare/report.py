@@ -46,8 +46,12 @@ def length_table(c: CompareResult) -> str:
 def lr_table(c: CompareResult, lrs: list[float]) -> str:
     rows = ["| model | " + " | ".join(f"lr={lr:g}" for lr in lrs) + " |", "|---|" + "|".join(["---:"] * len(lrs)) + "|"]
     for m in c.models:
-        by_lr = {r.lr: ("diverged" if r.error and r.error.startswith("diverged") else "failed") if r.error
-                 else _fmt(r.final_eval.get(c.headline, math.nan), 4) for r in m.runs}
+        by_lr = {}
+        for r in m.runs:
+            if r.error:
+                by_lr[r.lr] = "diverged" if r.error.startswith("diverged") else "failed"
+            else:
+                by_lr[r.lr] = _fmt(r.final_eval.get(c.headline, math.nan), 4)
         rows.append(f"| {m.label} | " + " | ".join(by_lr.get(lr, "—") for lr in lrs) + " |")
     return "\n".join(rows)
 
@@ -109,7 +113,9 @@ def write_report(c: CompareResult, *, task_spec: dict[str, Any], train_spec: dic
     out = c.out_dir
     plots = [plot_loss_curves(c, out / "loss_curves.png"), plot_metric_vs_length(c, out / "metric_vs_seq_len.png")]
     c.table = summary_table(c)
-    direction = "higher" if c.headline not in ("loss", "bpb") else "lower"
+    from seqzoo.compare.runner import higher_is_better
+
+    direction = "higher" if higher_is_better(c.headline) else "lower"
     shared = {k: train_spec[k] for k in ("steps", "batch_size", "grad_accum", "warmup_steps", "min_lr_ratio",
                                           "weight_decay", "betas", "grad_clip", "seed", "precision")}
     lines = [

@@ -189,6 +189,9 @@ def run_sweep(path: str | Path, *, out_dir: str | Path | None = None, smoke: boo
     dev = resolve_device(device or train_spec["device"])
     headline = task.metrics[0]
     fingerprint = data_fingerprint(task, train_spec["batch_size"], train_spec["steps"])
+    # Import what the first run would otherwise import inside its memory measurement
+    # (the optimiser pulls in torch._dynamo), so every model is measured alike.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     t0 = time.perf_counter()
     models: list[ModelResult] = []
     for label, recipe_path, recipe in recipes:

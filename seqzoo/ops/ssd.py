@@ -131,6 +131,9 @@ def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: i
     b, t, h, p = x.shape
     n = B.shape[-1]
     x, dt, A, B, C = (z.to(cdt) for z in (x, dt, A, B, C))
+    if t == 0:  # nothing to mix: the state passes through unchanged
+        return ssd_sequential(x, dt, A, B, C, D=D, initial_state=initial_state,
+                              output_final_state=output_final_state)
     pad = (-t) % chunk_size
     if pad:
         x, B, C = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (x, B, C))

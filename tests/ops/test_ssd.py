@@ -105,6 +105,13 @@ def test_padding_does_not_touch_the_final_state():
     assert ssd(**args, chunk_size=16)[1] is None
 
 
+def test_empty_sequence_passes_the_state_through():
+    args = make_inputs(b=2, t=0, h=2, g=1, p=2, n=3, dtype=torch.float64, seed=9)
+    for fn, kw in ((ssd, dict(chunk_size=4)), (ssd_sequential, {})):
+        y, s = fn(**args, **kw, output_final_state=True)
+        assert y.shape == (2, 0, 2, 2) and torch.equal(s, args["initial_state"])
+
+
 def test_step_does_not_mutate_its_state():
     args = make_inputs(b=2, t=1, h=2, g=2, p=2, n=3, dtype=torch.float64, seed=4)
     state = args["initial_state"]
