@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a seconds-long run of the whole pipeline: few steps, tiny eval (what CI runs)")
     c.add_argument("--out", help="output directory (default: runs/compare/<sweep name>[-smoke])")
     c.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the sweep's train.device)")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="train this many models at once in worker processes (default 1; on a many-core machine)")
+    c.add_argument("--reuse", action="store_true",
+                   help="keep finished runs whose recipe is unchanged (continue an interrupted sweep)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     d = sub.add_parser("describe", help="print a recipe's layers: mixer, backend, parameters, state size")
@@ -169,7 +173,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from seqzoo.compare import run_sweep
 
     result = run_sweep(args.sweep, out_dir=args.out, smoke=args.smoke, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, jobs=args.jobs, reuse=args.reuse)
     print(f"\n{result.table}\n")
     print(f"report: {result.report}")
     for plot in result.plots:
@@ -200,6 +204,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("\n| recipe | mixers | parameters |" if args.params else "\nrecipes:")
     if args.params:
         print("|---|---|---:|")
+    import torch
+
     import seqzoo
 
     for path in recipes:
@@ -210,7 +216,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
             recipe = seqzoo.load_recipe(path)
         except SeqzooError:
             continue  # not a model recipe (e.g. a comparison sweep)
-        model = seqzoo.build_model(recipe)
+        with torch.device("meta"):  # shapes only: counts 340M-parameter recipes instantly
+            model = seqzoo.build_model(recipe)
         kinds = sorted({b.mixer.name for b in model.blocks})
         print(f"| {path} | {', '.join(kinds)} | {model.num_params():,} |")
     return 0

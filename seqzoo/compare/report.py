@@ -124,7 +124,7 @@ def write_report(c: CompareResult, *, task_spec: dict[str, Any], train_spec: dic
         c.sweep.description.strip() or "",
         "",
         f"* sweep: `{c.sweep_path}` · device: {c.device} · {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-        f" · total wall time {c.wall_time_s:.0f} s",
+        f" · total wall time {c.wall_time_s:.0f} s" + (f" ({c.jobs} models trained at a time)" if c.jobs > 1 else ""),
         f"* task: `{json.dumps(task_spec)}`; headline metric **{c.headline}** ({direction} is better)",
         f"* identical for every model: data order (fingerprint `{c.data_fingerprint}`), seed, steps and "
         f"schedule (AdamW, warmup + cosine): `{json.dumps(shared)}`",

@@ -72,6 +72,7 @@ class CompareResult:
     device: str
     data_fingerprint: str
     wall_time_s: float
+    jobs: int = 1
     report: Path | None = None
     plots: list[Path] = dataclasses.field(default_factory=list)
     table: str = ""
@@ -170,11 +171,115 @@ def _pick_best(runs: list[RunResult], headline: str) -> int | None:
     return max(ok, key=lambda i: (sign * runs[i].final_eval[headline], -runs[i].lr))
 
 
+RUN_RECORD = "compare_run.json"  # written beside each finished run's checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Everything one model's runs need; picklable, so a worker process can take it."""
+
+    label: str
+    recipe_path: str
+    recipe: Recipe
+    lrs: tuple[float, ...]
+    out: Path
+    headline: str
+    seq_lens: tuple[int, ...]
+    eval_batches: int
+    device: str
+    progress: bool
+    reuse: bool
+    threads: int | None = None
+
+
+def _reuse(run_dir: Path, recipe: Recipe) -> tuple[RunResult, Any] | None:
+    """A finished run of exactly this recipe (same model, task, training and lr), if any:
+    its recorded measurements and its final weights."""
+    from seqzoo.train import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    state = ckpt.read_state(latest)
+    if state.get("step") != recipe.train.steps or state.get("recipe") != recipe.model_dump(mode="json"):
+        return None
+    model = LanguageModel(recipe)
+    ckpt.load_model_weights(latest, model)
+    record = run_dir / RUN_RECORD
+    if record.exists():
+        return RunResult(**json.loads(record.read_text())), model
+    # A run finished without its record (e.g. by `seqzoo train`): the final eval from the
+    # checkpoint, throughput from the log; its peak memory is unknown.
+    log = run_dir / "metrics.jsonl"
+    train_records = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("split") == "train"] if log.exists() else []
+    tps = train_records[-1]["tokens_per_s"] if train_records else math.nan
+    tokens = recipe.train.steps * recipe.train.batch_size * task_seq_len(recipe)
+    return RunResult(lr=recipe.train.lr, out_dir=str(run_dir), final_eval=state.get("extra", {}).get("eval", {}),
+                     wall_time_s=tokens / tps if tps else math.nan, tokens_per_s=tps), model
+
+
+def task_seq_len(recipe: Recipe) -> int:
+    return build_task(recipe.task).config.seq_len
+
+
+def _run_model(job: _Job, echo: Callable[[str], None] = print) -> ModelResult:
+    """Train one model at each learning rate, keep the best, evaluate it at each length."""
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    dev = torch.device(job.device)
+    task = build_task(job.recipe.task)
+    spec = job.recipe.train
+    runs: list[RunResult] = []
+    trained: dict[int, Any] = {}
+    for lr in job.lrs:
+        run_recipe = job.recipe.model_copy(update={"train": spec.model_copy(update={"lr": lr})})
+        run_dir = job.out / job.label / f"lr-{lr:g}"
+        reused = _reuse(run_dir, run_recipe) if job.reuse else None
+        if reused is not None:
+            echo(f"[{job.label}] lr={lr:g} reused from {run_dir}")
+            trained[len(runs)] = reused[1]
+            runs.append(reused[0])
+            continue
+        echo(f"[{job.label}] lr={lr:g} -> {run_dir}")
+        try:
+            res = train(run_recipe, out_dir=run_dir, overwrite=True, progress=job.progress, device=job.device,
+                        plot=False)
+        except TrainingDiverged as err:
+            runs.append(RunResult(lr=lr, out_dir=str(run_dir), error=f"diverged: {err}"))
+            echo(f"[{job.label}] lr={lr:g} diverged")
+            continue
+        except (NotImplementedError, SeqzooError, RuntimeError) as err:
+            runs.append(RunResult(lr=lr, out_dir=str(run_dir), error=f"{type(err).__name__}: {err}".splitlines()[0]))
+            echo(f"[{job.label}] lr={lr:g} failed: {runs[-1].error}")
+            continue
+        run = RunResult(lr=lr, out_dir=str(run_dir), final_eval=res.final_eval, wall_time_s=res.wall_time_s,
+                        tokens_per_s=res.tokens_per_s, peak_memory_mb=res.peak_memory_growth_mb)
+        (run_dir / RUN_RECORD).write_text(json.dumps(dataclasses.asdict(run), indent=1))
+        trained[len(runs)] = res.model
+        runs.append(run)
+    best = _pick_best(runs, job.headline)
+    result = ModelResult(label=job.label, recipe_path=job.recipe_path, params=LanguageModel(job.recipe).num_params(),
+                         runs=runs, best=best)
+    if best is not None:
+        model = trained[best].to(dev)
+        for length in job.seq_lens:
+            result.by_seq_len[length] = evaluate(model, task, n_batches=job.eval_batches,
+                                                 batch_size=spec.eval_batch_size or spec.batch_size, device=dev,
+                                                 seq_len=length, autocast=_autocast(spec.precision, dev))
+    return result
+
+
 def run_sweep(path: str | Path, *, out_dir: str | Path | None = None, smoke: bool = False,
-              device: str | None = None, progress: bool = True,
+              device: str | None = None, progress: bool = True, jobs: int = 1, reuse: bool = False,
               echo: Callable[[str], None] = print) -> CompareResult:
+    """Train and evaluate every model of the sweep at ``path``; write report.md, results.json
+    and the plots into ``out_dir``. ``jobs`` > 1 trains that many models at once in worker
+    processes (the numbers are the same; throughput then reflects a shared machine).
+    ``reuse`` keeps finished runs of identical recipes, so an interrupted sweep continues."""
     from seqzoo.compare.report import write_report
 
+    if jobs < 1:
+        raise SeqzooError(f"--jobs: expected at least 1, got {jobs}")
     path = Path(path)
     sweep = load_sweep(path)
     recipes = build_recipes(sweep, path, smoke=smoke, device=device)  # all validated before training
@@ -192,46 +297,25 @@ def run_sweep(path: str | Path, *, out_dir: str | Path | None = None, smoke: boo
     # Import what the first run would otherwise import inside its memory measurement
     # (the optimiser pulls in torch._dynamo), so every model is measured alike.
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    threads = max(1, torch.get_num_threads() // jobs) if jobs > 1 else None
+    todo = [_Job(label=label, recipe_path=recipe_path, recipe=recipe, lrs=tuple(sorted(lrs)), out=out,
+                 headline=headline, seq_lens=tuple(seq_lens),
+                 eval_batches=train_spec["eval_batches"] if smoke else sweep.eval_batches, device=str(dev),
+                 progress=progress and jobs == 1, reuse=reuse, threads=threads)
+            for label, recipe_path, recipe in recipes]
     t0 = time.perf_counter()
-    models: list[ModelResult] = []
-    for label, recipe_path, recipe in recipes:
-        runs, trained = [], {}
-        params = LanguageModel(recipe).num_params()
-        for lr in sorted(lrs):
-            run_recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"lr": lr})})
-            run_dir = out / label / f"lr-{lr:g}"
-            echo(f"[{label}] lr={lr:g} -> {run_dir}")
-            try:
-                res = train(run_recipe, out_dir=run_dir, overwrite=True, progress=progress, device=str(dev),
-                            plot=False)
-            except TrainingDiverged as err:
-                runs.append(RunResult(lr=lr, out_dir=str(run_dir), error=f"diverged: {err}"))
-                echo(f"[{label}] lr={lr:g} diverged")
-                continue
-            except (NotImplementedError, SeqzooError, RuntimeError) as err:
-                runs.append(RunResult(lr=lr, out_dir=str(run_dir), error=f"{type(err).__name__}: {err}".splitlines()[0]))
-                echo(f"[{label}] lr={lr:g} failed: {runs[-1].error}")
-                continue
-            trained[len(runs)] = res.model
-            runs.append(RunResult(lr=lr, out_dir=str(run_dir), final_eval=res.final_eval,
-                                  wall_time_s=res.wall_time_s, tokens_per_s=res.tokens_per_s,
-                                  peak_memory_mb=res.peak_memory_growth_mb))
-        best = _pick_best(runs, headline)
-        result = ModelResult(label=label, recipe_path=recipe_path, params=params, runs=runs, best=best)
-        if best is not None:
-            model = trained[best]
-            eval_bs = train_spec["eval_batch_size"] or train_spec["batch_size"]
-            n_batches = train_spec["eval_batches"] if smoke else sweep.eval_batches
-            for length in seq_lens:
-                result.by_seq_len[length] = evaluate(model, task, n_batches=n_batches, batch_size=eval_bs,
-                                                     device=dev, seq_len=length,
-                                                     autocast=_autocast(train_spec["precision"], dev))
-        models.append(result)
-        trained.clear()
+    if jobs == 1:
+        models = [_run_model(job, echo) for job in todo]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            models = list(pool.map(_run_model, todo))
     compare = CompareResult(sweep=sweep, sweep_path=str(path), out_dir=out, headline=headline,
                             metrics=task.metrics, seq_lens=seq_lens, train_seq_len=train_seq_len, models=models,
                             smoke=smoke, device=str(dev), data_fingerprint=fingerprint,
-                            wall_time_s=time.perf_counter() - t0)
+                            wall_time_s=time.perf_counter() - t0, jobs=jobs)
     write_report(compare, task_spec=task_spec, train_spec=train_spec, lrs=sorted(lrs))
     (out / "results.json").write_text(json.dumps(results_json(compare), indent=1))
     return compare
@@ -241,4 +325,5 @@ def results_json(c: CompareResult) -> dict[str, Any]:
     return {"sweep": c.sweep_path, "smoke": c.smoke, "device": c.device, "headline": c.headline,
             "train_seq_len": c.train_seq_len, "data_fingerprint": c.data_fingerprint,
             "torch": torch.__version__, "python": platform.python_version(), "wall_time_s": c.wall_time_s,
+            "jobs": c.jobs,
             "models": [dataclasses.asdict(m) for m in c.models]}

@@ -35,6 +35,8 @@ class ShortConv(nn.Module):
         """x: (B, T, D) -> (B, T, D), new state (B, D, kernel_size - 1)."""
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        if x.shape[1] == 0:  # nothing to mix: the window is unchanged
+            return x, state
         xt = rearrange(x, "b t d -> b d t")
         padded = torch.cat([state.to(xt.dtype), xt], dim=-1)  # (B, D, k-1+T)
         y = F.conv1d(padded, self.conv.weight, self.conv.bias, groups=self.dim)  # (B, D, T)

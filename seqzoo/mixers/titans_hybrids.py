@@ -152,7 +152,7 @@ class TitansMAG(_MemoryBranchMixer):
     Config = MAGConfig
     test_space = {"n_heads": [1, 2], "window": [1, 3, 8], "n_persistent": [0, 2],
                   "memory": [{"type": "titans", "n_heads": 2, "chunk_size": 4, "expansion": 2},
-                             {"type": "titans", "n_heads": 1, "chunk_size": 3, "depth": 1}]}
+                             {"type": "titans", "n_heads": 1, "chunk_size": 8, "depth": 1}]}
 
     def __init__(self, config: MAGConfig, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
@@ -282,7 +282,7 @@ class TitansMAC(TokenMixer):
     name = "titans_mac"
     Config = MACConfig
     backends = ("sdpa",)
-    test_space = {"n_heads": [1, 2], "segment_len": [4, 8], "n_persistent": [0, 2],
+    test_space = {"n_heads": [1, 2], "segment_len": [4, 16], "n_persistent": [0, 2],
                   "memory": [{"type": "titans", "n_heads": 2, "chunk_size": 2, "expansion": 2},
                              {"type": "titans", "n_heads": 1, "chunk_size": 4, "depth": 1}]}
 

@@ -7,7 +7,7 @@ Per head h (scalar decay A_h < 0, head dim P, state dim N) and token t:
 
 B_t, C_t come in G groups shared by H/G consecutive heads (head h reads group h // (H/G),
 as mamba-ssm's kernels do). SSD is scalar-gated linear attention with q = C, k = B,
-v = dt·x and log-gate dt·A (paper section 3-4), so it has two exact forms:
+v = dt·x and log-gate dt·A (paper sections 4-5, "state space duality"), so it has two exact forms:
 
 * ``ssd_sequential``: the recurrence above, one token at a time (``ssd_step``).
 * ``ssd`` (chunked, paper section 6 / "SSD minimal"): within a chunk of C tokens the

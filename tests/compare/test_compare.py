@@ -106,6 +106,15 @@ def test_compare_end_to_end_with_a_learning_rate_sweep(tmp_path, models):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [m["label"] for m in saved["models"]] == ["attn", "ret"] and saved["smoke"]
 
+    # Continued with --reuse in two worker processes: nothing retrained, the same numbers.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("model.safetensors")}
+    again = run_sweep(sweep_path, out_dir=tmp_path / "out", smoke=True, progress=False, jobs=2, reuse=True)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("model.safetensors")} == mtimes
+    for before, after in zip(result.models, again.models):
+        assert [r.final_eval for r in after.runs] == [r.final_eval for r in before.runs]
+        assert after.by_seq_len == before.by_seq_len and after.best == before.best
+    assert "2 models trained at a time" in (tmp_path / "out" / "report.md").read_text()
+
 
 def test_a_diverging_model_is_reported_not_fatal(tmp_path, models, monkeypatch):
     import seqzoo.compare.runner as runner

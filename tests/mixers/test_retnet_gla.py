@@ -62,7 +62,8 @@ def test_gla_is_the_layer_of_the_paper(params):
     split = lambda z: z.unflatten(-1, (h, -1))  # noqa: E731  (B, T, H, *)
     q, k, v = (split(x @ lin.weight.T) for lin in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
     # alpha_t = sigmoid(x W_a1 W_a2 + b)^(1/tau), in probability space (the op gets its log).
-    alpha = split(torch.sigmoid(x @ mixer.gate_down.weight.T @ mixer.gate_up.weight.T + mixer.gate_up.bias) ** (1 / tau))
+    logits = x @ mixer.gate_down.weight.T @ mixer.gate_up.weight.T + mixer.gate_up.bias
+    alpha = split(torch.sigmoid(logits) ** (1 / tau))
     state = torch.zeros(2, h, q.shape[-1], v.shape[-1], dtype=torch.float64)
     outs = []
     for t in range(11):  # S_t = Diag(alpha_t) S_{t-1} + k_t^T v_t, o_t = q_t S_t / sqrt(K)
