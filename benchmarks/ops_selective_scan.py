@@ -61,7 +61,7 @@ def main() -> None:
 
     forms = {"sequential": selective_scan_sequential, "chunked": selective_scan_chunked}
     print(f"selective_scan, CPU fp32, {args.threads} threads, B={args.batch}, D={args.d_inner}, "
-          f"N={args.d_state}, chunk ≈ √T; tokens/s (best of {args.repeats})\n")
+          f"N={args.d_state}, default chunk; tokens/s (best of {args.repeats})\n")
     print("| T | pass | sequential tok/s | chunked tok/s | chunked / sequential |")
     print("|---:|---|---:|---:|---:|")
     for length in args.lengths:

@@ -232,7 +232,8 @@ def _run_model(job: _Job, echo: Callable[[str], None] = print) -> ModelResult:
     runs: list[RunResult] = []
     trained: dict[int, Any] = {}
     for lr in job.lrs:
-        run_recipe = job.recipe.model_copy(update={"train": spec.model_copy(update={"lr": lr})})
+        # The device as train() records it in the checkpoint, so that reuse compares like with like.
+        run_recipe = job.recipe.model_copy(update={"train": spec.model_copy(update={"lr": lr, "device": job.device})})
         run_dir = job.out / job.label / f"lr-{lr:g}"
         reused = _reuse(run_dir, run_recipe) if job.reuse else None
         if reused is not None:

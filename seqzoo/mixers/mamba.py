@@ -12,6 +12,8 @@ so that its checkpoints load one to one (``seqzoo.interop.mamba``):
 Initialisation (sec. 3.6 and appendix): A_log = log(1..N) per channel (S4D-real), D = 1,
 dt_proj.weight uniform in ±R^-0.5 · dt_scale, dt floored at ``dt_init_floor``.
 Decode state: the last ``d_conv - 1`` conv inputs and the SSM state h: (B, E·D, N).
+Backends: "reference" (``scan``: the chunked or the sequential pure-PyTorch scan) and
+"mamba_ssm" (its fused CUDA selective-scan kernel, for calls without an incoming state).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class MambaConfig(MixerConfig):
     dt_init_floor: float = Field(1e-4, gt=0)
     conv_bias: bool = True
     bias: bool = Field(False, description="biases on in_proj / out_proj")
-    scan: Literal["chunked", "sequential"] = Field("chunked", description="reference form of the scan")
-    chunk_size: int | None = Field(None, ge=1, description="chunk length of the chunked scan; None = ≈√T")
+    scan: Literal["auto", "chunked", "sequential"] = Field(
+        "auto", description="reference form of the scan; auto = chunked unless one chunk would be all of T")
+    chunk_size: int | None = Field(None, ge=1, description="chunk length of the chunked scan; None = automatic")
 
     def check(self, d_model: int) -> None:
         if int(self.expand * d_model) < 1:
@@ -76,8 +79,9 @@ def _dt_bias(n: int, *, dt_min: float, dt_max: float, floor: float) -> Tensor:
 class Mamba(TokenMixer):
     name = "mamba"
     Config = MambaConfig
+    backends = ("mamba_ssm",)
     test_space = {"d_state": [1, 4], "expand": [1, 2], "d_conv": [2, 4],
-                  "scan": ["chunked", "sequential"], "chunk_size": [None, 3, 8]}
+                  "scan": ["auto", "chunked", "sequential"], "chunk_size": [None, 3, 8]}
 
     def __init__(self, config: MambaConfig, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
@@ -121,6 +125,10 @@ class Mamba(TokenMixer):
         return F.linear(dt, self.dt_proj.weight), B, C  # bias enters inside the scan
 
     def forward(self, x: Tensor, state: MambaState | None = None) -> tuple[Tensor, MambaState]:
+        # mamba-ssm's kernel always starts from h = 0: it serves calls without a state
+        # (training, first prefill); continuing from a state uses the reference scan.
+        method = "mamba_ssm" if state is None and self.backend == "mamba_ssm" else self.config.scan
+        fresh = state is None
         state = state if state is not None else self.default_state(x)
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E·D) each
         xi, conv_state = self.conv1d(xi, state.conv)
@@ -129,8 +137,8 @@ class Mamba(TokenMixer):
             rearrange(xi, "b t d -> b d t"), rearrange(dt, "b t d -> b d t"),  # (B, E·D, T)
             -torch.exp(self.A_log), rearrange(B, "b t n -> b n t"), rearrange(C, "b t n -> b n t"),  # (B, N, T)
             D=self.D, z=rearrange(z, "b t d -> b d t"), delta_bias=self.dt_proj.bias,
-            delta_softplus=True, initial_state=state.ssm, return_final_state=True,
-            method=self.config.scan, chunk_size=self.config.chunk_size,
+            delta_softplus=True, initial_state=None if fresh else state.ssm, return_final_state=True,
+            method=method, chunk_size=self.config.chunk_size,
         )
         out = self.out_proj(rearrange(y, "b d t -> b t d"))  # (B, T, D)
         return out, MambaState(conv_state, ssm_state)

@@ -81,7 +81,7 @@ class Titans(TokenMixer):
     Config = TitansConfig
     test_space = {
         "n_heads": [1, 2],
-        "depth": [1, 2, 3],
+        "depth": [1, 3],
         "expansion": [2],
         "chunk_size": [1, 3, 8],
         "read": ["token", "chunk_start"],

@@ -18,8 +18,14 @@ The LMM variant (the memory alone in every block) is the ``titans`` mixer itself
 In MAG and MAL the memory branch is any registered mixer (``memory: {type: titans, ...}``,
 validated strictly); its persistent prefix is run through it from its initial state, so the
 memory has already consumed [p_1 .. p_Np] when the first real token arrives (eq. 26 / 29).
-MAC needs to read the memory without writing, so it drives the Titans op directly
-(``seqzoo.ops.titans``) through the small ``NeuralMemory`` module below (DESIGN.md 5.9).
+MAC's memory must be the ``titans`` mixer: besides writing and reading it (its forward), MAC
+reads it *without writing*, with the segment-start weights, through its projections and
+output head and ``seqzoo.ops.titans.memory_read``. All four variants therefore share one
+memory module (DESIGN.md 5.9), as the paper's comparison assumes.
+
+Settings that cannot work are ConfigErrors naming the key: heads not dividing d_model or an
+odd head dim (RoPE), an unknown / nested memory type, a memory key the memory rejects
+(``memory.<key>``), and for MAC a memory chunk that does not divide the segment.
 """
 
 from __future__ import annotations
@@ -108,7 +114,6 @@ class _MemoryBranchMixer(TokenMixer):
     """Common plumbing of MAG and MAL: the memory mixer, its persistent prefix, dtype care."""
 
     backends = ("sdpa",)
-
 
     @property
     def backend(self) -> str:

@@ -116,7 +116,8 @@ class _TTT(TokenMixer):
 class TTTLinear(_TTT):
     name = "ttt_linear"
     Config = TTTConfig
-    test_space = {"n_heads": [1, 2], "mini_batch": [1, 3, 8], "conv": [True, False]}
+    # chunk size 1 is covered by the titans mixer on the same engine; these keep CI short
+    test_space = {"n_heads": [1, 2], "mini_batch": [3, 8], "conv": [True, False]}
 
     def _inner_dims(self) -> list[int]:
         return [self.head_dim, self.head_dim]
@@ -127,7 +128,7 @@ class TTTMLP(_TTT):
     name = "ttt_mlp"
     Config = TTTMLPConfig
     activation = "gelu_tanh"
-    test_space = {"n_heads": [1, 2], "mini_batch": [1, 3, 8], "expansion": [2]}
+    test_space = {"n_heads": [2], "mini_batch": [3, 8], "expansion": [2]}
 
     def _inner_dims(self) -> list[int]:
         k = self.head_dim

@@ -14,15 +14,17 @@ channels, or (D, N) time-invariant; D, delta_bias: (D,); state h: (B, D, N).
 Two forms, equal up to rounding:
 
 * ``selective_scan_sequential``: the per-token loop above (the readable reference).
-* ``selective_scan_chunked``: the time axis is cut into chunks of C tokens. The recurrence
-  is first run inside every chunk *from a zero state*, one in-chunk position at a time but
-  vectorised over all chunks at once (C steps); the chunk-end states are then passed from
-  chunk to chunk (T/C steps), and each position adds the incoming state times its
-  in-chunk cumulative decay exp(Σ_{s≤t} Δ_s A) (exponents are ≤ 0, so nothing overflows).
-  That is C + T/C Python steps instead of T (≈ 2√T with the default C ≈ √T), with the same
-  O(T·D·N) arithmetic. An SSD-style masked (C×C) decay matmul does not pay off here:
-  S6's decay depends on (d, n), so the decay matrix would be (B, D, T/C, C, C, N), C times
-  the size of the states themselves.
+* ``selective_scan_chunked``: the time axis is cut into T/C chunks of C tokens, and every
+  loop runs over all chunks at once: (1) the recurrence runs inside every chunk from a zero
+  state (C steps) to get each chunk's end state; (2) the true chunk-start states are passed
+  from chunk to chunk with the whole-chunk decay exp(A Σ_chunk Δ) (T/C steps); (3) every
+  chunk is rerun from its true start state, reading y out (C steps). Every exponent is
+  Δ·A <= 0, so nothing overflows however strong the decay. That is 2C + T/C Python steps
+  instead of T, on slices T/C times larger, with about the same O(T·D·N) arithmetic: it
+  pays off when one token's B·D·N state is small enough for the sequential loop to be
+  bound by per-operation overhead (see ``default_chunk_size``). An SSD-style masked (C×C)
+  decay matmul does not pay off here: S6's decay depends on (d, n), so the decay matrix
+  would be (B, D, T/C, C, C, N), C times the size of the states themselves.
 
 Padding convention (any T): padded steps carry Δ = 0, i.e. decay exp(0) = 1 and input 0,
 so they change neither the real outputs nor the final state.
@@ -158,9 +160,17 @@ def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     return p.finish(rearrange(y, "b t g h 1 -> b (g h) t"), h, u, D, z, return_final_state)
 
 
-def default_chunk_size(length: int) -> int:
-    """≈ √T balances the C in-chunk steps against the T/C chunk-to-chunk steps."""
-    return max(1, math.isqrt(max(length, 1)))
+# Elements of one (B, Nc, D, N) slice that keep the loops' operands in a core's L2 cache.
+_SLICE_ELEMENTS = 2 ** 16
+
+
+def default_chunk_size(length: int, step_elements: int = 1) -> int:
+    """Chunk length C for T = ``length`` tokens whose state has ``step_elements`` = B·D·N
+    numbers. The Python steps, 2C + T/C, are fewest at T/C = √(2T) chunks; but a slice of
+    T/C chunks must also stay in cache, so T/C <= 2^16 / (B·D·N). When that allows only one
+    chunk, chunking buys nothing (``selective_scan(method="auto")`` then runs sequentially)."""
+    n_chunks = max(1, min(math.isqrt(2 * max(length, 1)), _SLICE_ELEMENTS // max(step_elements, 1)))
+    return max(1, -(-length // n_chunks))
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -168,11 +178,12 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
                            delta_bias: Tensor | None = None, delta_softplus: bool = False,
                            initial_state: Tensor | None = None, return_final_state: bool = False,
                            *, chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """The same scan in chunks of ``chunk_size`` tokens (default ≈ √T); see the module doc."""
+    """The same scan in chunks of ``chunk_size`` tokens (default: ``default_chunk_size``);
+    see the module doc."""
     p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus, initial_state)
     if p.length == 0:
         return p.finish(u.new_zeros(p.batch, p.dim, 0, dtype=p.dtype), p.h0, u, D, z, return_final_state)
-    size = chunk_size or default_chunk_size(p.length)
+    size = chunk_size or default_chunk_size(p.length, p.batch * p.dim * p.n_state)
     if size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
     size = min(size, p.length)
@@ -215,17 +226,40 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     return p.finish(y, state, u, D, z, return_final_state)
 
 
+def selective_scan_mamba_ssm(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             D: Tensor | None = None, z: Tensor | None = None,
+                             delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                             return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba-ssm's fused CUDA kernel, imported lazily (CUDA only). It has no initial-state
+    input: the scan always starts from h = 0. Not exercised by the CPU test suite."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state=return_final_state)
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Tensor | None = None, z: Tensor | None = None,
                    delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    initial_state: Tensor | None = None, return_final_state: bool = False,
-                   *, method: Literal["chunked", "sequential"] = "chunked",
+                   *, method: Literal["auto", "chunked", "sequential", "mamba_ssm"] = "auto",
                    chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba's selective scan with mamba-ssm's signature (plus ``initial_state`` and
-    ``method``); see the module docstring for the maths and layouts."""
+    ``method``); see the module docstring for the maths and layouts. ``method="auto"``
+    scans in chunks unless the default chunk would be the whole sequence (large B·D·N per
+    step: the per-step work already amortises Python's overhead), then sequentially."""
+    if method == "mamba_ssm":
+        if initial_state is not None:
+            raise ValueError("method='mamba_ssm': the kernel cannot start from an initial_state; "
+                             "use 'chunked' to continue a scan")
+        return selective_scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_final_state)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+    if method == "auto":
+        length, step_elements = u.shape[-1], u.shape[0] * u.shape[1] * A.shape[-1]
+        whole = (chunk_size or default_chunk_size(length, step_elements)) >= length
+        method = "sequential" if whole and length > 1 else "chunked"
     if method == "chunked":
         return selective_scan_chunked(*args, chunk_size=chunk_size)
     if method == "sequential":
         return selective_scan_sequential(*args)
-    raise ValueError(f"method: expected 'chunked' or 'sequential', got {method!r}")
+    raise ValueError(f"method: expected 'auto', 'chunked', 'sequential' or 'mamba_ssm', got {method!r}")

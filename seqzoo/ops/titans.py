@@ -25,8 +25,8 @@ weights over the whole chunk). So the pre-activation of layer l for query t is
     h_t W_{l,t} = A_t (h_t W_{l,0}) + B_t (h_t S_{l,0}) - sum_i C_ti (h_t . hk_i) delta_{l,i},
 
 i.e. ``A * (H W0) + B * (H S0) - (C ⊙ H Hk^T) Delta``: matmuls layer by layer, no per-token
-weight tensor. At the chunk end W and S are updated in closed form with one matmul
-(Hk^T diag(c) Delta) per layer.
+weight tensor. At the chunk end W and S are updated in closed form, one matmul each per
+layer (Hk^T diag(C_r) Delta and Hk^T diag(D_r) Delta, r the last token).
 
 State (``TitansState``): the chunk-start weights (where gradients are taken), the current
 weights M_t, the momentum S_t and the position inside the chunk, so a call may stop at any
@@ -204,10 +204,13 @@ def _sub_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 # -- one piece of a chunk ------------------------------------------------------------------
 def _piece(q: Tensor, k: Tensor, v: Tensor, g: _Gates, state: TitansState, *, last: int,
            closes: bool, activation: str, read: str, residual: bool, bias: bool,
-           ln: tuple[Tensor, Tensor] | None, ln_eps: float) -> tuple[Tensor, TitansState]:
+           ln: tuple[Tensor, Tensor] | None, ln_eps: float, no_momentum: bool = False,
+           no_forgetting: bool = False) -> tuple[Tensor, TitansState]:
     """Tokens pos..pos+n-1 of one chunk. q, k: (B, H, n, K), v: (B, H, n, V); gates (B, H, n[, n]).
     ``last``: index of the last real token (tokens after it are padding); ``closes``: the chunk
-    ends with this piece, so the new weights become the next chunk-start weights."""
+    ends with this piece, so the new weights become the next chunk-start weights.
+    ``no_momentum`` (eta == 0 everywhere: B = 0, S_t = -theta_t u_t) and ``no_forgetting``
+    (alpha == 0: A = 1) skip terms that are exactly zero or one (TTT uses both)."""
     act, act_grad = ACTIVATIONS[activation]
     n_layers = len(state.start)
     dtype = q.dtype
@@ -245,7 +248,10 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, g: _Gates, state: TitansState, *, la
             h_in = _with_one(h) if bias else h
             w0, s0 = state.weights[layer], state.momentum[layer]
             gram = (h_in @ inputs[layer].transpose(-1, -2)) * c  # (B, H, n, n) C_ti (h_t . hk_i)
-            z = a[..., None] * (h_in @ w0) + b[..., None] * (h_in @ s0) - gram @ deltas[layer]
+            z = h_in @ w0 if no_forgetting else a[..., None] * (h_in @ w0)
+            if not no_momentum:
+                z = z + b[..., None] * (h_in @ s0)
+            z = z - gram @ deltas[layer]
             h = act(z) if layer < n_layers - 1 else z
         if ln is not None:
             h = _layer_norm(h, ln, ln_eps)[0]
@@ -261,8 +267,13 @@ def _piece(q: Tensor, k: Tensor, v: Tensor, g: _Gates, state: TitansState, *, la
         hk_t = inputs[layer].transpose(-1, -2)  # (B, H, d_in, n)
         w0, s0 = state.weights[layer], state.momentum[layer]
         # Fused multiply-adds: these weight-sized passes cost as much as the matmuls on CPU.
-        new_w.append(_sub_matmul(torch.addcmul(a_r * w0, b_r, s0), hk_t, c_r * deltas[layer]))
-        new_s.append(_sub_matmul(e_r * s0, hk_t, d_r * deltas[layer]))
+        w_carried = w0 if no_forgetting else a_r * w0
+        if no_momentum:  # S_r = -theta_r u_r: one outer product
+            new_w.append(_sub_matmul(w_carried, hk_t, c_r * deltas[layer]))
+            new_s.append(-(hk_t[..., last:last + 1] @ (d[..., last, last, None, None] * deltas[layer][..., last:last + 1, :])))
+        else:
+            new_w.append(_sub_matmul(torch.addcmul(w_carried, b_r, s0), hk_t, c_r * deltas[layer]))
+            new_s.append(_sub_matmul(e_r * s0, hk_t, d_r * deltas[layer]))
     new_w, new_s = tuple(new_w), tuple(new_s)
     n_real = last + 1
     if closes:
@@ -320,7 +331,11 @@ def titans_memory(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, a
     qh, kh, vh = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))  # (B, H, T, d)
     th, log_a, log_e = (rearrange(x.to(gate_dtype), "b t h -> b h t")  # (B, H, T)
                         for x in (theta, _safe_log(1 - alpha.to(gate_dtype)), _safe_log(eta.to(gate_dtype))))
-    opts = dict(activation=activation, read=read, residual=residual, bias=bias, ln=ln, ln_eps=ln_eps)
+    # Gates that are exactly zero (TTT, the paper's ablations) let whole terms be skipped.
+    no_momentum = not eta.requires_grad and not bool(eta.any())
+    no_forgetting = not alpha.requires_grad and not bool(alpha.any())
+    opts = dict(activation=activation, read=read, residual=residual, bias=bias, ln=ln, ln_eps=ln_eps,
+                no_momentum=no_momentum, no_forgetting=no_forgetting)
     outs = []
 
     # The first piece finishes the chunk the state is in (if it stopped mid-chunk).

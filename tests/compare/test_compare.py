@@ -39,7 +39,7 @@ def models(tmp_path) -> tuple[Path, Path]:
 def _sweep(tmp_path, models, **extra) -> Path:
     data = {"name": "t", "task": {"type": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab_size": 16},
             "train": {"steps": 4, "batch_size": 4, "eval_batches": 1, "eval_every": 2, "log_every": 1,
-                      "warmup_steps": 1, "device": "cpu"},
+                      "warmup_steps": 1},
             "eval_seq_lens": [16, 32], "eval_batches": 1, "models": [str(m) for m in models], **extra}
     return _write(tmp_path / "sweep.yaml", data)
 
@@ -108,8 +108,10 @@ def test_compare_end_to_end_with_a_learning_rate_sweep(tmp_path, models):
 
     # Continued with --reuse in two worker processes: nothing retrained, the same numbers.
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("model.safetensors")}
+    (tmp_path / "out" / "attn" / "lr-0.001" / "compare_run.json").unlink()  # e.g. a run from `seqzoo train`
     again = run_sweep(sweep_path, out_dir=tmp_path / "out", smoke=True, progress=False, jobs=2, reuse=True)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("model.safetensors")} == mtimes
+    assert math.isnan(again.models[0].runs[0].peak_memory_mb)  # not recorded, so not made up
     for before, after in zip(result.models, again.models):
         assert [r.final_eval for r in after.runs] == [r.final_eval for r in before.runs]
         assert after.by_seq_len == before.by_seq_len and after.best == before.best

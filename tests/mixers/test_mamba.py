@@ -95,3 +95,10 @@ def test_config_errors_name_the_key():
         mixers.build("mamba", d_model=16, scan="parallel")
     with pytest.raises(ConfigError, match="dt_rank"):
         mixers.build("mamba", d_model=16, dt_rank=0)
+
+
+def test_backend_is_reference_on_cpu_and_the_kernel_is_refused_there():
+    m = mixers.build("mamba", d_model=16)
+    assert m.backends == ("mamba_ssm",) and m.backend == "reference"
+    with pytest.raises(ConfigError, match="backend"):
+        mixers.build("mamba", d_model=16, backend="mamba_ssm").backend

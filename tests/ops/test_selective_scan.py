@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seqzoo.ops.selective_scan import (
+    default_chunk_size,
     selective_scan,
     selective_scan_chunked,
     selective_scan_sequential,
@@ -118,6 +119,19 @@ def test_chunked_equals_sequential(dtype, data):
     assert y_chk.dtype == dtype and h_chk.dtype == dtype
     assert_close(y_chk, y_seq, dtype, f"chunk={chunk}")
     assert_close(h_chk, h_seq, dtype, f"chunk={chunk}: final state")
+    y_auto, h_auto = selective_scan(**kw, return_final_state=True)  # method="auto"
+    assert_close(y_auto, y_seq, dtype, "auto")
+    assert_close(h_auto, h_seq, dtype, "auto: final state")
+
+
+@given(length=st.integers(1, 10_000), step_elements=st.integers(1, 2**20))
+def test_default_chunk_size(length, step_elements):
+    size = default_chunk_size(length, step_elements)
+    assert 1 <= size <= length
+    n_chunks = -(-length // size)
+    assert n_chunks <= max(1, 2**16 // step_elements)  # a slice of all chunks stays small
+    if step_elements >= 2**16:
+        assert size == length  # no room for more than one chunk: method="auto" runs sequentially
 
 
 @given(kw=problems(max_t=20), data=st.data())
@@ -210,6 +224,8 @@ def test_shape_errors_are_clear():
         selective_scan(u, u, torch.complex(A, A), B, B)
     with pytest.raises(ValueError, match="method"):
         selective_scan(u, u, A, B, B, method="parallel")
+    with pytest.raises(ValueError, match="initial_state"):  # the kernel always starts from 0
+        selective_scan(u, u, A, B, B, initial_state=torch.zeros(1, 4, 3), method="mamba_ssm")
 
 
 def test_empty_sequence_returns_the_initial_state():

@@ -156,7 +156,7 @@ def test_chunked_gradients_use_chunk_start_weights():
     assert s.pos == 0 and s.start[0] is s.weights[0]
 
 
-@pytest.mark.parametrize("gates", ["no_momentum", "no_forgetting", "full_forgetting"])
+@pytest.mark.parametrize("gates", ["no_momentum", "no_forgetting", "neither", "full_forgetting"])
 def test_boundary_gates_are_exact(gates):
     """eta = 0, alpha = 0 and alpha = 1 exactly (the paper's ablations) stay finite and exact."""
     q, k, v, theta, eta, alpha, weights = make_inputs(5, t=15, depth=2)
@@ -164,14 +164,23 @@ def test_boundary_gates_are_exact(gates):
         eta = torch.zeros_like(eta)
     elif gates == "no_forgetting":
         alpha = torch.zeros_like(alpha)
+    elif gates == "neither":  # TTT
+        eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
     else:
         alpha = torch.ones_like(alpha)
+    leaves = [q, k, v, theta, *weights]
+    for x in leaves:
+        x.requires_grad_()
     args = (q, k, v, theta, eta, alpha, weights)
     o, s = titans_memory(*args, chunk_size=4, output_final_state=True)
     o_ref, s_ref = titans_memory_naive(*args, chunk_size=4, output_final_state=True)
     assert torch.isfinite(o).all()
     assert_close(o, o_ref, F64)
     assert_states_close(s, s_ref)
+    # constant gates take the op's shortcuts (terms exactly 0 or 1): gradients still agree
+    loss = lambda o, s: (o * o_ref.detach()).sum() + sum((x * x).sum() for x in (*s.weights, *s.momentum))  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(o, s), leaves), torch.autograd.grad(loss(o_ref, s_ref), leaves)):
+        assert_close(a, b, F64)
 
 
 def test_memory_read_writes_nothing():
