@@ -6,7 +6,8 @@ in the same process, interleaved, and each cell is the best of ``--repeats`` run
 fastest run is the one least disturbed by other processes on a shared machine).
 
     python benchmarks/ops_selective_scan.py                       # defaults below
-    python benchmarks/ops_selective_scan.py --lengths 512 2048 --d-inner 128 --repeats 5
+    python benchmarks/ops_selective_scan.py --lengths 512 2048 --d-inner 64 --repeats 5
+    python benchmarks/ops_selective_scan.py --clock cpu           # on a busy shared machine
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def make_inputs(*, batch: int, d_inner: int, d_state: int, length: int, grad: bo
     )
 
 
-def run_once(fn: Callable, inputs: dict[str, torch.Tensor], backward: bool) -> float:
-    start = time.perf_counter()
+def run_once(fn: Callable, inputs: dict[str, torch.Tensor], backward: bool, clock: Callable[[], float]) -> float:
+    start = clock()
     y = fn(**inputs, delta_softplus=True)
     if backward:
         y.square().mean().backward()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -55,13 +56,18 @@ def main() -> None:
     parser.add_argument("--d-inner", type=int, default=128, help="channels D (= expand * d_model)")
     parser.add_argument("--d-state", type=int, default=16, help="state size N")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: perf_counter; cpu: this process's CPU time (less sensitive to other "
+                             "processes on a shared machine; equals wall time with 1 thread on an idle one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1: steadiest on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     forms = {"sequential": selective_scan_sequential, "chunked": selective_scan_chunked}
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"selective_scan, CPU fp32, {args.threads} threads, B={args.batch}, D={args.d_inner}, "
-          f"N={args.d_state}, default chunk; tokens/s (best of {args.repeats})\n")
+          f"N={args.d_state}, default chunk; tokens/s by {args.clock} clock (best of {args.repeats})\n")
     print("| T | pass | sequential tok/s | chunked tok/s | chunked / sequential |")
     print("|---:|---|---:|---:|---:|")
     for length in args.lengths:
@@ -72,7 +78,7 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved, so both forms see the same load
                 for name, fn in forms.items():
                     with torch.set_grad_enabled(backward):
-                        best[name] = min(best[name], run_once(fn, inputs, backward))
+                        best[name] = min(best[name], run_once(fn, inputs, backward, clock))
             tokens = args.batch * length
             seq, chk = tokens / best["sequential"], tokens / best["chunked"]
             label = "fwd+bwd" if backward else "fwd"

@@ -12,8 +12,9 @@ so that its checkpoints load one to one (``seqzoo.interop.mamba``):
 Initialisation (sec. 3.6 and appendix): A_log = log(1..N) per channel (S4D-real), D = 1,
 dt_proj.weight uniform in ±R^-0.5 · dt_scale, dt floored at ``dt_init_floor``.
 Decode state: the last ``d_conv - 1`` conv inputs and the SSM state h: (B, E·D, N).
-Backends: "reference" (``scan``: the chunked or the sequential pure-PyTorch scan) and
-"mamba_ssm" (its fused CUDA selective-scan kernel, for calls without an incoming state).
+Backends: "reference" (``scan``: the chunked or the sequential pure-PyTorch scan, "auto"
+picks by size, see ``seqzoo.ops.selective_scan``) and "mamba_ssm" (its fused CUDA
+selective-scan kernel, for calls without an incoming state; not testable on CPU).
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ class _Prepared:
             self.h0 = u.new_zeros(batch, groups, dim // groups, n_state, dtype=dt)
         else:
             if initial_state.shape != (batch, dim, n_state):
-                raise ValueError(f"initial_state: expected shape {(batch, dim, n_state)}, got {tuple(initial_state.shape)}")
+                raise ValueError(f"initial_state: expected shape {(batch, dim, n_state)}, "
+                                 f"got {tuple(initial_state.shape)}")
             self.h0 = rearrange(initial_state.to(dt), "b (g h) n -> b g h n", g=groups)  # (B, G, D/G, N)
 
     def finish(self, y: Tensor, h_last: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None,
@@ -201,13 +202,21 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     deltas, delta_us = chunks(p.delta), chunks(p.delta_u)  # C x (B, Nc, G, D/G, 1)
     Bs, Cs = chunks(p.B, p.static_B), chunks(p.C, p.static_C)  # C x (B, Nc, G, 1|D/G, N)
 
+    def decay_and_input(i: int) -> tuple[Tensor, Tensor]:
+        """exp(Δ A) and Δ u B at in-chunk position i of every chunk: (B, Nc, G, D/G, N)."""
+        return (deltas[i] * p.A).exp(), delta_us[i] * Bs[i]
+
     # 1) The state at the end of every chunk, started from zero, all chunks at once.
-    #    The per-position decays and inputs are kept for the third step.
-    decays = [(d * p.A).exp() for d in deltas]  # C x (B, Nc, G, D/G, N): exp(Δ A)
-    inputs = [du * b for du, b in zip(delta_us, Bs)]  # C x (B, Nc, G, D/G, N): Δ u B
-    h = torch.zeros_like(decays[0])
-    for decay, x in zip(decays, inputs):
-        h = torch.addcmul(x, decay, h)
+    #    Under autograd the (B, T, D, N) decays and inputs are saved anyway, so they are
+    #    kept for step 3; without it they are recomputed there, keeping memory at O(B·Nc·D·N).
+    keep = torch.is_grad_enabled()
+    kept = []
+    h = None
+    for i in range(size):
+        decay, x = decay_and_input(i)
+        h = x if h is None else torch.addcmul(x, decay, h)
+        if keep:
+            kept.append((decay, x))
     chunk_decay = (sum(deltas) * p.A).exp()  # (B, Nc, G, D/G, N): exp(A Σ_chunk Δ) ≤ 1
 
     # 2) The true state at the start of every chunk, passed from chunk to chunk.
@@ -219,9 +228,10 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
 
     # 3) Rerun every chunk from its true start state, reading y out on the way.
     ys = []
-    for decay, x, c in zip(decays, inputs, Cs):
+    for i in range(size):
+        decay, x = kept[i] if keep else decay_and_input(i)
         h = torch.addcmul(x, decay, h)
-        ys.append((h * c).sum(-1, keepdim=True))  # (B, Nc, G, D/G, 1)
+        ys.append((h * Cs[i]).sum(-1, keepdim=True))  # (B, Nc, G, D/G, 1)
     y = rearrange(torch.stack(ys, 1), "b l c g h 1 -> b (g h) (c l)")[..., :p.length]  # (B, D, T)
     return p.finish(y, state, u, D, z, return_final_state)
 
@@ -234,7 +244,10 @@ def selective_scan_mamba_ssm(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     input: the scan always starts from h = 0. Not exercised by the CPU test suite."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+    # The kernel wants A, D and the Δ bias in fp32 whatever the activations' dtype.
+    D = D.float() if D is not None else None
+    delta_bias = delta_bias.float() if delta_bias is not None else None
+    return selective_scan_fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus,
                              return_last_state=return_final_state)
 
 

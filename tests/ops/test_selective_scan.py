@@ -119,6 +119,10 @@ def test_chunked_equals_sequential(dtype, data):
     assert y_chk.dtype == dtype and h_chk.dtype == dtype
     assert_close(y_chk, y_seq, dtype, f"chunk={chunk}")
     assert_close(h_chk, h_seq, dtype, f"chunk={chunk}: final state")
+    with torch.no_grad():  # recomputes the decays in its second pass instead of keeping them
+        y_ng, h_ng = selective_scan(**kw, return_final_state=True, method="chunked", chunk_size=chunk)
+    assert_close(y_ng, y_seq, dtype, f"no_grad chunk={chunk}")
+    assert_close(h_ng, h_seq, dtype, f"no_grad chunk={chunk}: final state")
     y_auto, h_auto = selective_scan(**kw, return_final_state=True)  # method="auto"
     assert_close(y_auto, y_seq, dtype, "auto")
     assert_close(h_auto, h_seq, dtype, "auto: final state")
@@ -158,7 +162,8 @@ def test_gradients_chunked_equal_sequential(kw, chunk):
         leaves = {k: v.detach().clone().requires_grad_() if torch.is_tensor(v) else v for k, v in kw.items()}
         y, h = fn(**leaves, return_final_state=True, **extra)
         g = torch.Generator().manual_seed(1)
-        loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+        loss = ((y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+                + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum())
         loss.backward()
         return {k: v.grad for k, v in leaves.items() if torch.is_tensor(v)}
 
