@@ -132,9 +132,9 @@ def test_mac_causal_at_every_position():
             assert (y2[:, t] - y[:, t]).abs().max() > 1e-6, f"token {t} does not reach its own output"
 
 
-def test_mac_reads_memory_through_its_mask():
-    """The read-outs h_j are live: a different segment-start memory changes the outputs, and
-    h_j only reaches queries i >= j (the mask, not the concatenation order, enforces it)."""
+def test_mac_reads_the_pre_segment_memory_at_every_position():
+    """The read-outs h_j are live: a different segment-start memory M_{s-1} changes the output
+    of every position of the segment (position 0 included: it sees h_0)."""
     mac = build_mixer("titans_mac", dict(n_heads=2, segment_len=8, n_persistent=0, memory=MEMORY))
     x = _x(t=8)
     state = mac.init_state(2, device="cpu", dtype=F64)
@@ -198,13 +198,14 @@ def test_mag_equals_gate_of_two_branches_over_prefixed_input():
 
 
 def test_mag_prefix_visible_beyond_window():
+    """SW-Attn* (figure 3b): the persistent tokens stay visible after they left the window."""
     mag = build_mixer("titans_mag", dict(n_heads=2, window=2, n_persistent=2, memory=MEMORY))
     x = _x(t=9)
     with torch.no_grad():
-        y, _ = mag(x)
+        a, _ = mag.attn(x)
         mag.attn.persistent.add_(1.0)
-        y2, _ = mag(x)
-    assert (y2[:, -1] - y[:, -1]).abs().max() > 1e-6  # position 8, window 2: only P explains it
+        a2, _ = mag.attn(x)
+    assert (a2[:, -1] - a[:, -1]).abs().max() > 1e-6  # position 8 with window 2: only P explains it
 
 
 # -- bad settings: errors name the key -------------------------------------------------------
