@@ -7,6 +7,7 @@ file and the key, and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     result = train(recipe, out_dir=args.out, steps=args.steps, device=args.device, resume=args.resume,
                    overwrite=args.overwrite, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     head = next(iter(result.final_eval), None)
     print(f"\n{recipe.name}: {result.steps} steps in {result.wall_time_s:.1f} s "
           f"({result.tokens_per_s:,.0f} tokens/s) -> {result.out_dir}")

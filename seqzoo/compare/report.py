@@ -67,21 +67,31 @@ def _curves(c: CompareResult) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _styles(n: int) -> list[dict[str, Any]]:
+    """Distinct colour + marker per model (matplotlib's default cycle repeats after 10)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    markers = "osD^vP*Xh<>p"
+    return [{"color": cmap(i % 20), "marker": markers[i % len(markers)]} for i in range(n)]
+
+
 def plot_loss_curves(c: CompareResult, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, records in _curves(c).items():
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(13, 4))
+    curves = _curves(c)
+    for (label, records), style in zip(curves.items(), _styles(len(curves))):
         train = [r for r in records if r.get("split") == "train"]
         evals = [r for r in records if r.get("split") == "eval" and c.headline in r]
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=label)
-        ax_eval.plot([r["step"] for r in evals], [r[c.headline] for r in evals], marker="o", ms=3, label=label)
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, color=style["color"], label=label)
+        ax_eval.plot([r["step"] for r in evals], [r[c.headline] for r in evals], ms=3, label=label, **style)
     ax_loss.set(xlabel="step", ylabel="train loss (nats/token)", title=f"{c.sweep.name}: training loss")
     ax_eval.set(xlabel="step", ylabel=f"eval {c.headline}", title=f"held-out {c.headline}")
-    ax_eval.legend(fontsize=7)
+    ax_eval.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -94,15 +104,16 @@ def plot_metric_vs_length(c: CompareResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in c.models:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    shown = [m for m in c.models if m.by_seq_len]  # a model whose runs all failed has no points
+    for m, style in zip(shown, _styles(len(shown))):
         xs = [n for n in c.seq_lens if n in m.by_seq_len]
-        ax.plot(xs, [m.by_seq_len[n][c.headline] for n in xs], marker="o", label=m.label)
+        ax.plot(xs, [m.by_seq_len[n][c.headline] for n in xs], label=m.label, **style)
     ax.axvline(c.train_seq_len, color="grey", ls="--", lw=1, label="train length")
     if len(c.seq_lens) > 1 and max(c.seq_lens) / max(1, min(c.seq_lens)) >= 4:
         ax.set_xscale("log", base=2)
     ax.set(xlabel="test sequence length", ylabel=c.headline, title=f"{c.sweep.name}: {c.headline} vs length")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
