@@ -59,22 +59,34 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqzoo.ops.titans_chunk import (
-    ACTIVATIONS,
-    Gates,
+    KeyPass,
     Options,
-    TitansState,
-    check_activation,
-    chunk_forward,
-    gates,
+    Read,
+    Trace,
+    halves,
     key_pass,
-    log_gates,
-    mlp,
+    key_pass_backward,
+    read_start_backward,
     read_token,
     read_update_backward,
+    trace_mlp,
     update,
 )
+from seqzoo.ops.titans_math import ACTIVATIONS, Gates, acc, check_activation, gates, log_gates, mlp
 
 __all__ = ["ACTIVATIONS", "TitansState", "init_state", "memory_read", "titans_memory"]
+
+Weights = tuple[Tensor, ...]
+
+
+class TitansState(NamedTuple):
+    """Memory state after some tokens. Each field but ``pos`` holds one (B, H, d_in, d_out)
+    tensor per layer (d_in + 1 rows with ``bias=True``)."""
+
+    start: Weights      # weights at the start of the current chunk: gradients are taken here
+    weights: Weights    # current weights M_t
+    momentum: Weights   # current momentum S_t
+    pos: int            # tokens of the current chunk already consumed, 0 <= pos < chunk_size
 
 
 def init_state(weights: Sequence[Tensor]) -> TitansState:
@@ -97,62 +109,138 @@ def memory_read(memory: TitansState | Sequence[Tensor], x: Tensor, *, activation
     return rearrange(y, "b h t v -> b t h v")  # (B, T, H, V)
 
 
-def _scan(qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
-          state: TitansState, *, chunk_size: int, opts: Options,
-          ln: tuple[Tensor, Tensor] | None) -> tuple[Tensor, TitansState]:
-    """The chunk loop without autograd. qh, kh, vh: (B, H, T, d); theta, eta, alpha: (B, H, T).
-    Returns the read-out (B, H, T, V) and the final state."""
-    th, log_a, log_e = log_gates(theta, eta, alpha)
-    outs = []
-    for lo, hi, closes, g in _pieces(th, log_a, log_e, pos=state.pos, chunk_size=chunk_size):
-        y, state = chunk_forward(qh[:, :, lo:hi], kh[:, :, lo:hi], vh[:, :, lo:hi], g, state,
-                                 last=hi - lo - 1, closes=closes, opts=opts, ln=ln)
-        outs.append(y)
-    return torch.cat(outs, dim=2), state
+# -- the op's internal layout: per layer [W | S] side by side ----------------------------------
+def _fused(w: Tensor, s: Tensor) -> Tensor:
+    """[W | S] (B, H, d_in, 2 d_out); no copy when w and s are already the halves of one."""
+    base = w._base
+    d = w.shape[-1]
+    if (base is not None and s._base is base and base.is_contiguous() and base.shape == (*w.shape[:-1], 2 * d)
+            and w.data_ptr() == base.data_ptr() and s.data_ptr() == base.data_ptr() + d * base.element_size()):
+        return base
+    return torch.cat([w, s], dim=-1)
 
 
-def _pieces(th: Tensor, log_a: Tensor, log_e: Tensor, *, pos: int,
-            chunk_size: int) -> list[tuple[int, int, bool, Gates]]:
-    """Cut T tokens into chunk pieces: (lo, hi, closes, gates of tokens lo..hi-1).
+def _shares_start(state: TitansState) -> bool:
+    """Whether the chunk-start weights are the current weights (the state is at a chunk
+    boundary), so they need not be carried separately."""
+    return all(st is w for st, w in zip(state.start, state.weights))
+
+
+class _Piece(NamedTuple):
+    """One chunk piece of a call: tokens lo..hi-1, its gates and, under autograd, what its
+    backward needs."""
+
+    lo: int
+    hi: int
+    closes: bool              # the chunk ends with this piece
+    group: int                # which batch of gates it is in (see ``_cut``) ...
+    index: int | None         # ... and where (None: the batch is this piece alone)
+    xs: list[Tensor] | None = None       # [W | S] per layer before the piece
+    start: list[Tensor] | None = None    # the chunk-start weights it takes gradients at
+    shared: bool = False                 # ``start`` is the W half of ``xs``
+    key: KeyPass | None = None
+    key_graph: tuple | None = None       # with a LayerNorm: (leaves, KeyPass under autograd)
+    read: Read | None = None             # read="token"
+    read_start: Trace | None = None      # read="chunk_start"
+
+
+def _cut(th: Tensor, log_a: Tensor, log_e: Tensor, *, pos: int, chunk_size: int) -> tuple[list[_Piece], list[Gates]]:
+    """Cut T tokens into chunk pieces and build their gates, as few batches as possible.
 
     The first piece finishes the chunk the state is in (if it stopped mid-chunk); the rest
-    is chunk-aligned and the gates of all its chunks are built at once (the last chunk padded
-    with theta = 0, eta = 1, alpha = 0, then cut back: a gate at token t depends only on
-    tokens <= t)."""
+    is chunk-aligned and the gates of all its chunks are built at once, the last chunk padded
+    with theta = 0, eta = 1, alpha = 0 (a gate at token t depends only on tokens <= t, so
+    the padding changes nothing that is used)."""
     T = th.shape[-1]
-    pieces = []
+    pieces, groups = [], []
     head = min(T, (chunk_size - pos) % chunk_size)
     if head:
-        g = gates(th[..., :head], log_a[..., :head], log_e[..., :head])
-        pieces.append((0, head, pos + head == chunk_size, g))
+        groups.append(gates(th[..., :head], log_a[..., :head], log_e[..., :head]))
+        pieces.append(_Piece(0, head, pos + head == chunk_size, 0, None))
     rest = T - head
     if rest:
         n_chunks = -(-rest // chunk_size)
         pad = n_chunks * chunk_size - rest
-        g = gates(*(rearrange(F.pad(x[..., head:], (0, pad)), "b h (n c) -> n b h c", c=chunk_size)  # (N, B, H, C)
-                    for x in (th, log_a, log_e)))
+        groups.append(gates(*(rearrange(F.pad(x[..., head:], (0, pad)), "b h (n c) -> n b h c", c=chunk_size)  # (N, B, H, C)
+                              for x in (th, log_a, log_e))))
         for i in range(n_chunks):
             lo = head + i * chunk_size
             hi = min(lo + chunk_size, T)
-            n = hi - lo
-            pieces.append((lo, hi, n == chunk_size, Gates(g.a[i, ..., :n], g.b[i, ..., :n], g.c[i, ..., :n, :n],
-                                                          g.e[i, ..., :n], g.d[i, ..., :n, :n])))
+            pieces.append(_Piece(lo, hi, hi - lo == chunk_size, len(groups) - 1, i))
+    return pieces, groups
+
+
+def _piece_gates(groups: list[Gates], piece: _Piece, dtype: torch.dtype) -> Gates:
+    """The piece's gates, cut to its n tokens, detached, in the activations' dtype."""
+    g, n = groups[piece.group], piece.hi - piece.lo
+    if piece.index is not None:
+        g = Gates(*(x[piece.index] for x in g))
+    return Gates(g.a[..., :n].detach().to(dtype), g.b[..., :n].detach().to(dtype),
+                 g.c[..., :n, :n].detach().to(dtype), g.e[..., :n].detach().to(dtype),
+                 g.d[..., :n, :n].detach().to(dtype))
+
+
+def _run(qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor, xs: list[Tensor],
+         start: list[Tensor] | None, pos: int, *, chunk_size: int, opts: Options,
+         ln: tuple[Tensor, Tensor] | None, record: list[_Piece] | None = None,
+         gate_groups: list[Gates] | None = None, ln_leaves: tuple[Tensor, Tensor] | None = None
+         ) -> tuple[Tensor, list[Tensor], list[Tensor] | None, int]:
+    """The chunk loop. qh, kh, vh: (B, H, T, d); theta, eta, alpha: (B, H, T); ``xs`` the
+    [W | S] per layer, ``start`` the chunk-start weights (None: the W halves of ``xs``).
+    Returns the read-out (B, H, T, V), the final xs, start (None: shared) and position.
+    With ``record`` (under autograd) each piece keeps what its backward needs; the gates
+    then come in ``gate_groups`` and, with a LayerNorm, its parameters as autograd leaves."""
+    if gate_groups is None:
+        cut, gate_groups = _cut(*log_gates(theta, eta, alpha), pos=pos, chunk_size=chunk_size)
+    else:
+        cut = _cut_only(qh.shape[2], pos, chunk_size)
+    outs = []
+    for piece in cut:
+        lo, hi = piece.lo, piece.hi
+        g = _piece_gates(gate_groups, piece, qh.dtype)
+        q, k, v = qh[:, :, lo:hi], kh[:, :, lo:hi], vh[:, :, lo:hi]
+        shared = start is None
+        st = [halves(x)[0] for x in xs] if shared else start
+        key_graph = None
+        if record is not None and ln is not None:
+            # The key pass's second derivative through the LayerNorm is left to autograd.
+            with torch.enable_grad():
+                leaves = [k.detach().requires_grad_(), v.detach().requires_grad_(),
+                          *(w.detach().requires_grad_() for w in st)]
+                key_graph = (leaves, key_pass(leaves[0], leaves[1], leaves[2:], opts, ln_leaves))
+            kp = key_graph[1]
+            key = KeyPass(Trace([x.detach() for x in kp.trace.inputs], [], kp.trace.out.detach()), [],
+                          [x.detach() for x in kp.deltas])
+        else:
+            key = key_pass(k, v, st, opts, ln)
+        rd = tr = None
+        if opts.read == "token":
+            rd = read_token(q, key, g, xs, opts, ln)
+            y = rd.y
+        else:
+            tr = trace_mlp(q, st, opts, ln)
+            y = tr.out + q if opts.residual else tr.out
+        outs.append(y)
+        new = update(key, g, xs, last=hi - lo - 1, opts=opts)
+        if record is not None:
+            record.append(piece._replace(xs=xs, start=st, shared=shared, key=key, key_graph=key_graph,
+                                         read=rd, read_start=tr))
+        xs = new
+        start = None if piece.closes else st  # after a chunk boundary the start is the W half
+        pos = (pos + hi - lo) % chunk_size
+    return torch.cat(outs, dim=2), xs, start, pos
+
+
+def _cut_only(T: int, pos: int, chunk_size: int) -> list[_Piece]:
+    """``_cut`` without the gates (they were built already)."""
+    pieces = []
+    head = min(T, (chunk_size - pos) % chunk_size)
+    if head:
+        pieces.append(_Piece(0, head, pos + head == chunk_size, 0, None))
+    for i, lo in enumerate(range(head, T, chunk_size)):
+        hi = min(lo + chunk_size, T)
+        pieces.append(_Piece(lo, hi, hi - lo == chunk_size, int(head > 0), i))
     return pieces
-
-
-class _Piece(NamedTuple):
-    """What the backward needs of one chunk piece (tokens lo..hi-1 of the call)."""
-
-    lo: int
-    hi: int
-    closes: bool
-    state: TitansState        # the state the piece started from
-    gates: Gates              # under autograd (a graph back to theta, eta, alpha)
-    leaves: list[Tensor]      # the key pass's own leaves: k, v, q (or None), start weights
-    inputs: list[Tensor]      # key pass outputs under autograd: each layer's input hk ...
-    deltas: list[Tensor]      # ... and output-side delta
-    y_start: Tensor | None    # read="chunk_start": the read-out under autograd
-    pre_q: list[Tensor]       # read="token": the query path's pre-activations
 
 
 class _Spec(NamedTuple):
@@ -161,126 +249,119 @@ class _Spec(NamedTuple):
     n_layers: int
     opts: Options
     has_ln: bool
+    shared: bool      # the incoming state's start weights are its current weights
 
 
 class _TitansMemory(torch.autograd.Function):
-    """The chunk loop with a hand-derived backward for the weight-sized parts (read-out and
-    state update, ``titans_chunk.read_update_backward``); the small parts (gates, the MLP's
-    forward+backward on the keys) keep their autograd graphs from the forward, so nothing is
-    recomputed. Inputs: spec, qh, kh, vh (B, H, T, d), theta, eta, alpha (B, H, T), LayerNorm
-    weight and bias (or None), then the state's start, weights and momentum tensors, one per
-    layer each. Outputs: o (B, H, T, V), the final weights and momentum per layer and, when
-    the call ends mid-chunk, the final chunk-start weights per layer."""
+    """The chunk loop with a hand-derived backward (``titans_chunk``): nothing but the gate
+    products (n x n per chunk, one autograd call at the end) goes through autograd, unless
+    a LayerNorm is used (the key pass then keeps its autograd graph from the forward).
+    Inputs: spec, qh, kh, vh (B, H, T, d), theta, eta, alpha (B, H, T), LayerNorm weight
+    and bias (or None), [W | S] per layer, then (unless ``spec.shared``) the chunk-start
+    weights per layer. Outputs: o (B, H, T, V), [W | S] per layer and, when the call ends
+    mid-chunk, the chunk-start weights per layer."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor,
-                alpha: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, *state_tensors: Tensor):
-        L, opts = spec.n_layers, spec.opts
-        state = TitansState(state_tensors[:L], state_tensors[L:2 * L], state_tensors[2 * L:], spec.pos)
+                alpha: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, *tensors: Tensor):
+        L = spec.n_layers
+        xs, start = list(tensors[:L]), (None if spec.shared else list(tensors[L:]))
         with torch.enable_grad():
             gate_leaves = [x.detach().requires_grad_() for x in (theta, eta, alpha)]
-            ln_leaves = [p.detach().requires_grad_() for p in (ln_w, ln_b)] if spec.has_ln else []
-            cut = _pieces(*log_gates(*gate_leaves), pos=state.pos, chunk_size=spec.chunk_size)
-        ln = tuple(ln_leaves) if spec.has_ln else None
-        pieces, outs = [], []
-        for lo, hi, closes, g in cut:
-            with torch.enable_grad():  # the key pass keeps its graph for the backward
-                k = kh[:, :, lo:hi].detach().requires_grad_()
-                v = vh[:, :, lo:hi].detach().requires_grad_()
-                start = [w.detach().requires_grad_() for w in state.start]
-                inputs, deltas = key_pass(k, v, tuple(start), opts, ln)
-                q, y_start = None, None
-                if opts.read == "chunk_start":
-                    q = qh[:, :, lo:hi].detach().requires_grad_()
-                    y_start = mlp(q, start, activation=opts.activation, residual=opts.residual,
-                                  bias=opts.bias, ln=ln, ln_eps=opts.ln_eps)
-            g_val = Gates(*(x.detach().to(qh.dtype) for x in g))
-            hk, dl = [x.detach() for x in inputs], [x.detach() for x in deltas]
-            ln_val = tuple(p.detach() for p in ln) if ln is not None else None
-            pre_q = []
-            if opts.read == "token":
-                y, pre_q = read_token(qh[:, :, lo:hi], hk, dl, g_val, state, opts, ln_val)
-            else:
-                y = y_start.detach()
-            outs.append(y)
-            new = update(hk, dl, g_val, state, last=hi - lo - 1, closes=closes, opts=opts)
-            pieces.append(_Piece(lo, hi, closes, state, g, [k, v, q, *start], inputs, deltas, y_start, pre_q))
-            state = new
-        ctx.spec, ctx.pieces, ctx.final_pos = spec, pieces, state.pos
-        ctx.gate_leaves, ctx.ln_leaves = gate_leaves, ln_leaves
+            ln_leaves = tuple(p.detach().requires_grad_() for p in (ln_w, ln_b)) if spec.has_ln else None
+            _, groups = _cut(*log_gates(*gate_leaves), pos=spec.pos, chunk_size=spec.chunk_size)
+        ln = tuple(p.detach() for p in ln_leaves) if ln_leaves is not None else None
+        pieces: list[_Piece] = []
+        o, xs, start, pos = _run(qh, kh, vh, theta, eta, alpha, xs, start, spec.pos, chunk_size=spec.chunk_size,
+                                 opts=spec.opts, ln=ln, record=pieces, gate_groups=groups, ln_leaves=ln_leaves)
+        ctx.spec, ctx.pieces, ctx.groups = spec, pieces, groups
+        ctx.gate_leaves, ctx.ln_leaves, ctx.ends_shared = gate_leaves, ln_leaves, start is None
+        ctx.shapes = (qh.shape, kh.shape[-1], vh.shape[-1])
         ctx.save_for_backward(qh)
         ctx.set_materialize_grads(False)
-        outputs = (torch.cat(outs, dim=2), *state.weights, *state.momentum)
-        if state.pos:
-            # A start that is an input of this call comes back as a view, so autograd sees
-            # a fresh output; its gradient flows to that input through the backward.
-            outputs += tuple(w.view_as(w) for w in state.start)
-        return outputs
+        inputs = set(map(id, tensors))
+        starts = () if start is None else tuple(w.view_as(w) if id(w) in inputs else w.clone() for w in start)
+        return (o, *xs, *starts)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_o: Tensor | None, *grad_state: Tensor | None):
         spec: _Spec = ctx.spec
         L, opts = spec.n_layers, spec.opts
+        (B, H, T, K), Kk, V = ctx.shapes
+        gx = list(grad_state[:L])
+        g_start = list(grad_state[L:]) if not ctx.ends_shared else [None] * L
+        ln = tuple(p.detach() for p in ctx.ln_leaves) if spec.has_ln else None
         (qh,) = ctx.saved_tensors
-        g_w, g_s = list(grad_state[:L]), list(grad_state[L:2 * L])
-        g_start = list(grad_state[2 * L:]) if ctx.final_pos else [None] * L
-        ln_vals = tuple(p.detach() for p in ctx.ln_leaves) if spec.has_ln else None
-        B, H, T, _ = qh.shape
-        dq = torch.zeros_like(qh)
-        dk = dv = None
+        dq, dk, dv = (qh.new_zeros(B, H, T, d) for d in (K, Kk, V))
         d_ln: list[Tensor | None] = [None, None]
-        gate_outs, gate_grads = [], []
-
-        def add(x: Tensor | None, y: Tensor | None) -> Tensor | None:
-            return x if y is None else (y if x is None else x + y)
+        d_groups = [Gates(*(torch.zeros_like(x) for x in g)) for g in ctx.groups]
 
         for piece in reversed(ctx.pieces):
-            if piece.closes:  # the next chunk's start is this piece's final weights
-                g_w, g_start = [add(x, y) for x, y in zip(g_w, g_start)], [None] * L
+            n = piece.hi - piece.lo
+            if piece.closes and any(x is not None for x in g_start):
+                # the next chunk's start weights are the W half of this piece's output
+                merged = []
+                for x_out, g, s in zip(piece.xs, gx, g_start):
+                    g = torch.zeros(x_out.shape, dtype=x_out.dtype, device=x_out.device) if g is None else g.clone()
+                    if s is not None:
+                        halves(g)[0].add_(s)
+                    merged.append(g)
+                gx, g_start = merged, [None] * L
             sl = slice(piece.lo, piece.hi)
             gy = grad_o[:, :, sl] if grad_o is not None else None
-            g_val = Gates(*(x.detach().to(qh.dtype) for x in piece.gates))
-            res = read_update_backward(qh[:, :, sl], [x.detach() for x in piece.inputs],
-                                       [x.detach() for x in piece.deltas], g_val, piece.state, piece.pre_q,
-                                       last=piece.hi - piece.lo - 1, opts=opts, ln=ln_vals, grad_y=gy,
-                                       grad_w=g_w, grad_s=g_s)
-            for x, gx in zip(piece.gates, res.gates):
-                if gx is not None and x.requires_grad:
-                    gate_outs.append(x)
-                    gate_grads.append(gx.to(x.dtype))
-            # back through the key pass (and the chunk-start read-out) with autograd
-            outs, grads = [], []
-            for x, gx in [*zip(piece.inputs, res.inputs), *zip(piece.deltas, res.deltas), (piece.y_start, gy)]:
-                if x is not None and gx is not None and x.requires_grad:
-                    outs.append(x)
-                    grads.append(gx)
-            leaves = [x for x in piece.leaves if x is not None] + list(ctx.ln_leaves)
-            got = torch.autograd.grad(outs, leaves, grads, allow_unused=True) if outs else [None] * len(leaves)
-            k_grad, v_grad, *rest = got
-            q_grad = rest.pop(0) if opts.read == "chunk_start" else None
-            d_start, ln_grads = rest[:L], rest[L:]
-            if k_grad is not None:
-                dk = torch.zeros(B, H, T, k_grad.shape[-1], dtype=k_grad.dtype, device=k_grad.device) if dk is None else dk
-                dk[:, :, sl] = k_grad
-            if v_grad is not None:
-                dv = torch.zeros(B, H, T, v_grad.shape[-1], dtype=v_grad.dtype, device=v_grad.device) if dv is None else dv
-                dv[:, :, sl] = v_grad
-            dq_piece = add(res.q, q_grad)
-            if dq_piece is not None:
-                dq[:, :, sl] = dq_piece
-            for i, part in enumerate((*res.ln, *ln_grads[:2])):
-                d_ln[i % 2] = add(d_ln[i % 2], part)
-            g_start = [add(x, y) for x, y in zip(g_start, d_start)]
-            g_w, g_s = list(res.weights), list(res.momentum)
+            g = _piece_gates(ctx.groups, piece, qh.dtype)
+            res = read_update_backward(qh[:, :, sl], piece.key, piece.read, g, piece.xs, last=n - 1,
+                                       opts=opts, ln=ln, grad_y=gy if opts.read == "token" else None, grad_x=gx)
+            # gradients of the chunk-start weights accumulate in place
+            if piece.shared:
+                acc_start = [halves(x)[0] for x in res.xs]
+            else:
+                acc_start = [torch.zeros_like(w) for w in piece.start]
+            if not piece.closes:
+                for a, s in zip(acc_start, g_start):
+                    if s is not None:
+                        a.add_(s)
+            if piece.key_graph is not None:
+                leaves, kp = piece.key_graph
+                outs, grads = [], []
+                for x, gx_ in [*zip(kp.trace.inputs, res.inputs), *zip(kp.deltas, res.deltas)]:
+                    if gx_ is not None and x.requires_grad:
+                        outs.append(x)
+                        grads.append(gx_)
+                wrt = [*leaves, *ctx.ln_leaves]
+                got = torch.autograd.grad(outs, wrt, grads, allow_unused=True) if outs else [None] * len(wrt)
+                k_grad, v_grad = got[0], got[1]
+                for a, w_grad in zip(acc_start, got[2:2 + L]):
+                    if w_grad is not None:
+                        a.add_(w_grad)
+                d_ln = [acc(x, y) for x, y in zip(d_ln, got[2 + L:])]
+            else:
+                k_grad, v_grad = key_pass_backward(piece.key, piece.start, res.inputs, res.deltas, acc_start, opts)
+            q_grad, ln_grad = res.q, res.ln
+            if piece.read_start is not None and gy is not None:
+                q_grad, ln_grad = read_start_backward(gy, piece.read_start, piece.start, acc_start, opts, ln)
+            for full, part in ((dq, q_grad), (dk, k_grad), (dv, v_grad)):
+                if part is not None:
+                    full[:, :, sl] = part
+            d_ln = [acc(x, y) for x, y in zip(d_ln, ln_grad)]
+            dg = d_groups[piece.group]
+            if piece.index is not None:
+                dg = Gates(*(x[piece.index] for x in dg))
+            for name in ("a", "b", "e"):
+                getattr(dg, name)[..., :n].copy_(getattr(res.gates, name))
+            for name in ("c", "d"):
+                getattr(dg, name)[..., :n, :n].copy_(getattr(res.gates, name))
+            gx = res.xs
+            g_start = [None] * L if piece.shared else acc_start
 
-        d_gates = [None, None, None]
-        if gate_outs:
-            d_gates = list(torch.autograd.grad(gate_outs, ctx.gate_leaves, gate_grads, allow_unused=True))
+        outs = [x for g in ctx.groups for x in g]
+        grads = [x for g in d_groups for x in g]
+        d_gates = torch.autograd.grad(outs, ctx.gate_leaves, grads, allow_unused=True)
         if spec.has_ln:
             d_ln = [x.to(p.dtype) if x is not None else None for x, p in zip(d_ln, ctx.ln_leaves)]
-        return (None, dq, dk, dv, *d_gates, *d_ln, *g_start, *g_w, *g_s)
-
+        starts = () if spec.shared else tuple(g_start)
+        return (None, dq, dk, dv, *d_gates, *d_ln, *gx, *starts)
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
                   state: TitansState, *, chunk_size: int, read: str, residual: bool, bias: bool) -> None:
@@ -325,7 +406,7 @@ def titans_memory(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, a
     state = initial_state
     _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size, read=read,
                   residual=residual, bias=bias)
-    T = q.shape[1]
+    T, L = q.shape[1], len(state.weights)
     if T == 0:
         return v.new_zeros(v.shape), (state if output_final_state else None)
     # Gates that are exactly zero (TTT, the paper's ablations) let whole terms be skipped.
@@ -334,18 +415,22 @@ def titans_memory(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, a
                    no_forgetting=not alpha.requires_grad and not bool(alpha.any()))
     qh, kh, vh = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))  # (B, H, T, d)
     th, et, al = (rearrange(x, "b t h -> b h t") for x in (theta, eta, alpha))  # (B, H, T)
-    state_tensors = (*state.start, *state.weights, *state.momentum)
-    inputs = (qh, kh, vh, th, et, al, *(ln or ()), *state_tensors)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        L = len(state.start)
-        spec = _Spec(chunk_size, state.pos, L, opts, ln is not None)
+    shared = _shares_start(state)
+    xs = [_fused(w, s) for w, s in zip(state.weights, state.momentum)]  # (B, H, d_in, 2 d_out)
+    start = None if shared else list(state.start)
+    tensors = (qh, kh, vh, th, et, al, *(ln or ()), *xs, *(start or ()))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        spec = _Spec(chunk_size, state.pos, L, opts, ln is not None, shared)
         ln_w, ln_b = ln if ln is not None else (None, None)
-        out = _TitansMemory.apply(spec, qh, kh, vh, th, et, al, ln_w, ln_b, *state_tensors)
-        o, weights_, momentum = out[0], tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L])
+        out = _TitansMemory.apply(spec, qh, kh, vh, th, et, al, ln_w, ln_b, *xs, *(start or ()))
+        o, xs = out[0], list(out[1:1 + L])
+        start = list(out[1 + L:]) or None
         pos = (state.pos + T) % chunk_size
-        start = tuple(out[1 + 2 * L:]) if pos else weights_
-        final = TitansState(start, weights_, momentum, pos)
     else:
-        o, final = _scan(qh, kh, vh, th, et, al, state, chunk_size=chunk_size, opts=opts, ln=ln)
+        o, xs, start, pos = _run(qh, kh, vh, th, et, al, xs, start, state.pos, chunk_size=chunk_size,
+                                 opts=opts, ln=ln)
     o = rearrange(o, "b h t v -> b t h v")  # (B, T, H, V)
-    return o, (final if output_final_state else None)
+    if not output_final_state:
+        return o, None
+    w, s = zip(*(halves(x) for x in xs))
+    return o, TitansState(w if start is None else tuple(start), w, s, pos)
