@@ -116,7 +116,7 @@ class KeyPass(NamedTuple):
 
 def key_pass(k: Tensor, v: Tensor, start: Sequence[Tensor], opts: Options,
              ln: tuple[Tensor, Tensor] | None) -> KeyPass:
-    act_grad = ACTIVATIONS[opts.activation][1]
+    act = ACTIVATIONS[opts.activation]
     tr = trace_mlp(k, start, opts, ln)
     out = tr.out + k if opts.residual else tr.out
     delta = 2 * (out - v)  # d||M(k) - v||^2 / d out, summed over V (no 1/2)
@@ -127,7 +127,9 @@ def key_pass(k: Tensor, v: Tensor, start: Sequence[Tensor], opts: Options,
     for layer in range(len(start) - 1, 0, -1):
         w = start[layer][..., :-1, :] if opts.bias else start[layer]  # the bias row has no input
         mid = delta @ w.transpose(-1, -2)  # (B, H, n, d_{l-1})
-        delta = mid * act_grad(tr.pre[layer - 1])
+        pre = tr.pre[layer - 1]
+        # mid * f'(z); under autograd (the LayerNorm path) with differentiable ops
+        delta = mid * act.grad(pre) if torch.is_grad_enabled() else act.backward(mid, pre)
         mids.append(mid)
         deltas.append(delta)
     mids.reverse()
@@ -209,7 +211,7 @@ def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, x
     """VJP of ``read_token`` (when ``read`` is given) and ``update`` for one chunk of n real
     tokens (formulas in the module docstring). ``grad_y`` (B, H, n, V) and ``grad_x`` (per
     layer) are the gradients of the read-out and of [W | S] after the chunk (None: zero)."""
-    act, act_grad, _ = ACTIVATIONS[opts.activation]
+    act = ACTIVATIONS[opts.activation]
     n_layers, n = len(xs), q.shape[2]
     shape = (*q.shape[:2], n)
     d_a, d_b, d_e = (q.new_zeros(shape) for _ in range(3))
@@ -261,7 +263,7 @@ def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, x
     # the token read-out
     d_q, d_ln = None, (None, None)
     if read is not None and grad_y is not None:
-        hq = [q] + [act(z) for z in read.pre[:-1]]  # each layer's input on the query path
+        hq = [q] + [act.f(z) for z in read.pre[:-1]]  # each layer's input on the query path
         dz = grad_y
         if opts.residual:
             d_q = grad_y
@@ -303,7 +305,7 @@ def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, x
             if opts.bias:
                 dh = dh[..., :-1]
             if layer > 0:
-                dz = dh.mul_(act_grad(read.pre[layer - 1]))
+                dz = act.backward(dh, read.pre[layer - 1])
             else:
                 d_q = acc(d_q, dh)
     return ReadUpdateGrads(d_q, Gates(d_a, d_b, d_c, d_e, d_d), d_hk, d_delta, gxs, d_ln)
@@ -314,7 +316,7 @@ def mlp_backward(grad_h: list[Tensor | None], grad_z: list[Tensor | None], tr: T
     """Back through ``trace_mlp``: given gradients of each layer's input (grad_h, None = 0)
     and pre-activation (grad_z, None = 0), accumulate each layer's weight gradient into
     ``grad_w`` in place and return the gradient of the MLP's input h_0."""
-    act_grad = ACTIVATIONS[opts.activation][1]
+    act_backward = ACTIVATIONS[opts.activation].backward
     grad_z = list(grad_z)
     d_in = None
     for layer in reversed(range(len(weights))):
@@ -328,7 +330,7 @@ def mlp_backward(grad_h: list[Tensor | None], grad_z: list[Tensor | None], tr: T
         if opts.bias:
             gh = gh[..., :-1]
         if layer > 0:
-            gh = gh * act_grad(tr.pre[layer - 1])
+            gh = act_backward(gh, tr.pre[layer - 1])
             grad_z[layer - 1] = gh if grad_z[layer - 1] is None else grad_z[layer - 1].add_(gh)
         else:
             d_in = gh
@@ -340,7 +342,7 @@ def key_pass_backward(key: KeyPass, start: Sequence[Tensor], grad_inputs: list[T
                       opts: Options) -> tuple[Tensor | None, Tensor | None]:
     """VJP of ``key_pass`` (no LayerNorm) for the gradients of its inputs and deltas;
     accumulates the start weights' gradients into ``grad_start`` in place, returns (dk, dv)."""
-    _, act_grad, act_grad2 = ACTIVATIONS[opts.activation]
+    act = ACTIVATIONS[opts.activation]
     n_layers = len(start)
     g_delta = list(grad_deltas)
     g_z: list[Tensor | None] = [None] * n_layers
@@ -350,8 +352,8 @@ def key_pass_backward(key: KeyPass, start: Sequence[Tensor], grad_inputs: list[T
         if gd is None:
             continue
         pre = key.trace.pre[layer]
-        g_mid = gd * act_grad(pre)
-        g_z[layer] = gd * key.mids[layer] * act_grad2(pre)
+        g_mid = act.backward(gd, pre)
+        g_z[layer] = act.grad2(pre).mul_(gd).mul_(key.mids[layer])
         w_next = start[layer + 1][..., :-1, :] if opts.bias else start[layer + 1]  # (d_l, d_{l+1})
         t = g_mid @ w_next  # (B, H, n, d_{l+1})
         g_delta[layer + 1] = t if g_delta[layer + 1] is None else t.add_(g_delta[layer + 1])

@@ -16,7 +16,7 @@ from torch import Tensor
 Fn = Callable[[Tensor], Tensor]
 
 
-# -- activations: (f, f', f'') ---------------------------------------------------------------
+# -- activations: f, f', f'' ----------------------------------------------------------------
 def _silu_grad(z: Tensor) -> Tensor:
     s = torch.sigmoid(z)
     return s * (1 + z * (1 - s))
@@ -53,12 +53,24 @@ def _gelu_tanh_grad2(z: Tensor) -> Tensor:
     return (1 - th * th) * (du + 0.5 * z * (d2u - 2 * th * du * du))
 
 
-ACTIVATIONS: dict[str, tuple[Fn, Fn, Fn]] = {
-    "silu": (F.silu, _silu_grad, _silu_grad2),
-    "gelu": (F.gelu, _gelu_grad, _gelu_grad2),
-    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad, _gelu_tanh_grad2),
-    "relu": (F.relu, lambda z: (z > 0).to(z.dtype), torch.zeros_like),
-    "identity": (lambda z: z, torch.ones_like, torch.zeros_like),
+class Activation(NamedTuple):
+    """f; grad * f'(z) as torch's fused kernel where there is one (fast, but not itself
+    differentiable); f' and f'' as differentiable compositions."""
+
+    f: Fn
+    backward: Callable[[Tensor, Tensor], Tensor]
+    grad: Fn
+    grad2: Fn
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": Activation(F.silu, torch.ops.aten.silu_backward, _silu_grad, _silu_grad2),
+    "gelu": Activation(F.gelu, lambda g, z: torch.ops.aten.gelu_backward(g, z), _gelu_grad, _gelu_grad2),
+    "gelu_tanh": Activation(lambda z: F.gelu(z, approximate="tanh"),
+                            lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh"),
+                            _gelu_tanh_grad, _gelu_tanh_grad2),
+    "relu": Activation(F.relu, lambda g, z: g * (z > 0), lambda z: (z > 0).to(z.dtype), torch.zeros_like),
+    "identity": Activation(lambda z: z, lambda g, z: g, torch.ones_like, torch.zeros_like),
 }
 
 
