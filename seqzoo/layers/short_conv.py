@@ -37,11 +37,19 @@ class ShortConv(nn.Module):
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         if x.shape[1] == 0:  # nothing to mix: the window is unchanged
             return x, state
-        xt = rearrange(x, "b t d -> b d t")
-        padded = torch.cat([state.to(xt.dtype), xt], dim=-1)  # (B, D, k-1+T)
-        y = F.conv1d(padded, self.conv.weight, self.conv.bias, groups=self.dim)  # (B, D, T)
-        new_state = padded[..., padded.shape[-1] - (self.kernel_size - 1):]
-        return self._act(rearrange(y, "b d t -> b t d")), new_state
+        k, T = self.kernel_size, x.shape[1]
+        padded = torch.cat([rearrange(state.to(x.dtype), "b d k -> b k d"), x], dim=1)  # (B, k-1+T, D)
+        # y_t = sum_j w_j x_{t-(k-1)+j}: k shifted multiply-adds in the (B, T, D) layout, which
+        # on CPU is about twice as fast as a depthwise conv1d (forward and backward) and
+        # needs no transposes.
+        weight = rearrange(self.conv.weight, "d 1 k -> k d")
+        y = padded[:, k - 1:] * weight[k - 1]
+        for j in range(k - 1):
+            y = torch.addcmul(y, padded[:, j:j + T], weight[j])
+        if self.conv.bias is not None:
+            y = y + self.conv.bias
+        new_state = rearrange(padded[:, padded.shape[1] - (k - 1):], "b k d -> b d k").contiguous()
+        return self._act(y), new_state
 
     def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, D) -> (B, D), new state."""
