@@ -3,7 +3,10 @@
 Prints a markdown table of tokens/s (batch * T / seconds) for the forward pass and for
 forward + backward, at T = 512 ... 8K, and the chunked / sequential ratio. Both forms run
 in the same process, interleaved, and each cell is the best of ``--repeats`` runs (the
-fastest run is the one least disturbed by other processes on a shared machine).
+fastest run is the one least disturbed by other processes on a shared machine). The last
+column checks that both computed the same thing: the largest difference between their
+outputs (forward) or their input gradients (forward + backward), relative to the largest
+magnitude of the sequential form's.
 
     python benchmarks/ops_selective_scan.py                       # defaults below
     python benchmarks/ops_selective_scan.py --lengths 512 2048 --d-inner 64 --repeats 5
@@ -41,12 +44,21 @@ def make_inputs(*, batch: int, d_inner: int, d_state: int, length: int, grad: bo
     )
 
 
-def run_once(fn: Callable, inputs: dict[str, torch.Tensor], backward: bool, clock: Callable[[], float]) -> float:
+def run_once(fn: Callable, inputs: dict[str, torch.Tensor], backward: bool,
+             clock: Callable[[], float]) -> tuple[float, list[torch.Tensor]]:
+    """Seconds for one forward (+ backward), and its results: y, or every input's gradient."""
+    for x in inputs.values():
+        x.grad = None
     start = clock()
     y = fn(**inputs, delta_softplus=True)
     if backward:
         y.square().mean().backward()
-    return clock() - start
+    elapsed = clock() - start
+    return elapsed, [x.grad for x in inputs.values()] if backward else [y]
+
+
+def relative_difference(results: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return max(((r - e).abs().max() / e.abs().max()).item() for r, e in zip(results, reference))
 
 
 def main() -> None:
@@ -68,21 +80,24 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"selective_scan, CPU fp32, {args.threads} threads, B={args.batch}, D={args.d_inner}, "
           f"N={args.d_state}, default chunk; tokens/s by {args.clock} clock (best of {args.repeats})\n")
-    print("| T | pass | sequential tok/s | chunked tok/s | chunked / sequential |")
-    print("|---:|---|---:|---:|---:|")
+    print("| T | pass | sequential tok/s | chunked tok/s | chunked / sequential | max rel. difference |")
+    print("|---:|---|---:|---:|---:|---:|")
     for length in args.lengths:
         for backward in (False, True):
             inputs = make_inputs(batch=args.batch, d_inner=args.d_inner, d_state=args.d_state,
                                  length=length, grad=backward)
             best = {name: float("inf") for name in forms}
+            results = {}
             for _ in range(args.repeats):  # interleaved, so both forms see the same load
                 for name, fn in forms.items():
                     with torch.set_grad_enabled(backward):
-                        best[name] = min(best[name], run_once(fn, inputs, backward, clock))
+                        elapsed, results[name] = run_once(fn, inputs, backward, clock)
+                    best[name] = min(best[name], elapsed)
             tokens = args.batch * length
             seq, chk = tokens / best["sequential"], tokens / best["chunked"]
             label = "fwd+bwd" if backward else "fwd"
-            print(f"| {length} | {label} | {seq:,.0f} | {chk:,.0f} | {chk / seq:.1f}x |", flush=True)
+            diff = relative_difference(results["chunked"], results["sequential"])
+            print(f"| {length} | {label} | {seq:,.0f} | {chk:,.0f} | {chk / seq:.1f}x | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Mamba's selective scan: both forms against a per-step loop written here from the paper's
 equations (Gu & Dao 2023, eq. 2 and 4, Algorithm 2), chunked == sequential (values, final
-state and gradients), chaining at any split, numerical stability of long strongly-decaying
-chunks, and mamba-ssm's layouts (shared, grouped and time-invariant B / C)."""
+state and gradients, also over long sequences of many chunks), chaining at any split,
+numerical stability of long strongly-decaying chunks and of decays of either sign, the
+chunked form's machinery (chunk boundaries within the decay budget, the blocked cumulative
+sum), and mamba-ssm's layouts (shared, grouped and time-invariant B / C)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -12,6 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seqzoo.ops.selective_scan import (
+    _MAX_EXPONENT,
+    _BlockedCumsum,
+    _chunk_bounds,
     default_chunk_size,
     selective_scan,
     selective_scan_chunked,
@@ -128,14 +135,46 @@ def test_chunked_equals_sequential(dtype, data):
     assert_close(h_auto, h_seq, dtype, "auto: final state")
 
 
-@given(length=st.integers(1, 10_000), step_elements=st.integers(1, 2**20))
+@given(length=st.integers(1, 10_000), step_elements=st.integers(1, 2**22))
 def test_default_chunk_size(length, step_elements):
+    """Chunks of 8 to 127 tokens, shorter for larger states (their blocks must stay near
+    the cache), 8k - 1 from 15 up (whole blocks of 8 rows with the start state)."""
     size = default_chunk_size(length, step_elements)
     assert 1 <= size <= length
-    n_chunks = -(-length // size)
-    assert n_chunks <= max(1, 2**16 // step_elements)  # a slice of all chunks stays small
-    if step_elements >= 2**16:
-        assert size == length  # no room for more than one chunk: method="auto" runs sequentially
+    if size < length:
+        assert 8 <= size <= 127
+        assert size < 16 or (size + 1) % 8 == 0
+        assert size * step_elements <= 2**19 or size == 8
+    if length <= 8:
+        assert size == length
+    if 2**19 // step_elements >= 127 and length >= 127:
+        assert size == 127  # small states: the longest chunks
+    assert default_chunk_size(length, 2 * step_elements) <= size  # monotone in the state size
+
+
+@given(rate=st.lists(st.floats(0, 200), min_size=1, max_size=300), max_len=st.integers(1, 70),
+       max_exponent=st.sampled_from([1.0, 60.0, 300.0]))
+def test_chunk_bounds_respect_the_decay_budget(rate, max_len, max_exponent):
+    """Chunks tile [0, T), hold at most max_len tokens, and keep Σ r_t within 2·max_exponent
+    unless they are a single token (which the chunked form scans as a plain step)."""
+    bounds = _chunk_bounds(torch.tensor(rate, dtype=torch.float64), max_len, max_exponent)
+    assert bounds[0] == 0 and bounds[-1] == len(rate)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        assert 1 <= end - start <= max_len
+        if end - start > 1:
+            assert sum(rate[start:end]) <= 2 * max_exponent * (1 + 1e-12)
+        if end < len(rate) and end - start < max_len:
+            # a chunk stops early only at the budget, or at a whole number of 8-row blocks
+            over = sum(rate[start:end + 1]) > 2 * max_exponent * (1 - 1e-12)
+            assert over or (end - start + 1) % 8 == 0
+
+
+@given(length=st.integers(1, 80), reverse=st.booleans(), seed=st.integers(0, 2**16))
+def test_blocked_cumsum_equals_torch_cumsum(length, reverse, seed):
+    x = torch.randn(2, length, 3, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected = x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)
+    _BlockedCumsum(x, reverse)()
+    assert_close(x, expected)
 
 
 @given(kw=problems(max_t=20), data=st.data())
@@ -194,6 +233,88 @@ def test_long_strongly_decaying_chunks_are_stable():
         assert y_seq.abs().max() > 1
     assert_close(y_chk.detach(), y_seq, torch.float32)
     assert_close(h_chk.detach(), h_seq, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_long_sequences_of_many_chunks(dtype):
+    """A Mamba layer's inputs (Δ from softplus around the paper's dt range, A = -(1..N)) over
+    T = 1500: chunks cut by the decay budget and by their maximum length, fp64 Γ keeping
+    Γ_t - Γ_ref exact however far into the sequence; values, final state and gradients."""
+    g = torch.Generator().manual_seed(0)
+    b, d, n, t = 2, 6, 16, 1500
+    log_dt = torch.rand(d, generator=g, dtype=torch.float64) * (math.log(0.2) - math.log(1e-3)) + math.log(1e-3)
+    dt = log_dt.exp()  # dt in [1e-3, 0.2], log-uniform (Mamba's init, a little wider)
+    kw = dict(u=torch.randn(b, d, t, generator=g, dtype=torch.float64),
+              delta=torch.randn(b, d, t, generator=g, dtype=torch.float64) * 0.5,
+              A=-torch.arange(1, n + 1, dtype=torch.float64).expand(d, n).contiguous(),
+              B=torch.randn(b, n, t, generator=g, dtype=torch.float64),
+              C=torch.randn(b, n, t, generator=g, dtype=torch.float64),
+              D=torch.randn(d, generator=g, dtype=torch.float64),
+              z=torch.randn(b, d, t, generator=g, dtype=torch.float64),
+              delta_bias=dt + torch.log(-torch.expm1(-dt)),  # inverse softplus
+              initial_state=torch.randn(b, d, n, generator=g, dtype=torch.float64))
+    kw = {k: v.to(dtype) for k, v in kw.items()}
+    delta = F.softplus(kw["delta"] + kw["delta_bias"][:, None])
+    rate = (delta * kw["A"].abs().amax(1)[:, None]).amax((0, 1))
+    bounds = _chunk_bounds(rate, default_chunk_size(t, b * d * n), _MAX_EXPONENT[dtype])
+    assert len(bounds) > 10  # many chunks
+    if dtype == torch.float32:  # some cut short by the decay budget (fp64's is 5x wider)
+        assert any(e - s < default_chunk_size(t, b * d * n) for s, e in zip(bounds[:-2], bounds[1:-1]))
+
+    def run(fn):
+        leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+        y, h = fn(**leaves, delta_softplus=True, return_final_state=True)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        ((y * w).sum() + h.sum()).backward()
+        return y.detach(), h.detach(), {k: v.grad for k, v in leaves.items()}
+
+    y_seq, h_seq, g_seq = run(selective_scan_sequential)
+    y_chk, h_chk, g_chk = run(selective_scan_chunked)
+    assert_close(y_chk, y_seq, dtype, "y")
+    assert_close(h_chk, h_seq, dtype, "final state")
+    for name, expected in g_seq.items():
+        # fp32 gradients summed over 1500 steps carry the sequential loop's own rounding
+        scale = 1.0 if dtype == torch.float64 else expected.abs().max().clamp(min=1).item()
+        assert_close(g_chk[name] / scale, expected / scale, dtype, f"d loss / d {name}")
+
+
+@given(kw=problems(max_t=30), chunk=st.integers(1, 12))
+def test_time_major_inputs(kw, chunk):
+    """Inputs stored time-major, as the Mamba mixer passes them ((B, D, T) views of
+    (B, T, D) tensors): same values and gradients, outputs and gradients in that layout."""
+    def time_major(k, v):
+        if k in ("u", "delta", "z") or (k in ("B", "C") and v.dim() > 2):
+            return v.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stored (.., T, D)
+        return v
+
+    def run(inputs):
+        leaves = {k: v.clone().requires_grad_() if torch.is_tensor(v) else v for k, v in inputs.items()}
+        y, h = selective_scan_chunked(**leaves, return_final_state=True, chunk_size=chunk)
+        ((y * y).sum() + h.sum()).backward()
+        return y, h, {k: v.grad for k, v in leaves.items() if torch.is_tensor(v)}
+
+    y_ref, h_ref, g_ref = run(kw)
+    y, h, grads = run({k: time_major(k, v) for k, v in kw.items()})
+    if min(y.shape[1:]) > 1:
+        assert y.transpose(-1, -2).is_contiguous()  # no transposing back and forth
+    assert_close(y, y_ref, msg="y")
+    assert_close(h, h_ref, msg="final state")
+    for name, expected in g_ref.items():
+        assert_close(grads[name], expected, msg=f"d loss / d {name}")
+
+
+@given(kw=problems(max_t=30), chunk=st.integers(1, 12))
+def test_decays_of_either_sign(kw, chunk):
+    """Δ may be negative when no softplus is asked for (growth instead of decay): the
+    chunk's exponents stay within budget as |Γ_t - Γ_ref| <= Σ |Δ| / 2 for any signs."""
+    kw = {**kw, "delta_softplus": False}
+    kw.pop("delta_bias", None)
+    flip = torch.rand(kw["delta"].shape, generator=torch.Generator().manual_seed(2)) < 0.3
+    kw["delta"] = torch.where(flip, -kw["delta"], kw["delta"])  # about 30% negative
+    y_seq, h_seq = selective_scan_sequential(**kw, return_final_state=True)
+    y_chk, h_chk = selective_scan_chunked(**kw, return_final_state=True, chunk_size=chunk)
+    assert_close(y_chk, y_seq, msg=f"chunk={chunk}")
+    assert_close(h_chk, h_seq, msg=f"chunk={chunk}: final state")
 
 
 def test_half_precision_scans_in_fp32():
