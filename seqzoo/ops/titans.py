@@ -296,6 +296,8 @@ class _TitansMemory(torch.autograd.Function):
         dq, dk, dv = (qh.new_zeros(B, H, T, d) for d in (K, Kk, V))
         d_ln: list[Tensor | None] = [None, None]
         d_groups = [Gates(*(torch.zeros_like(x) for x in g)) for g in ctx.groups]
+        scratch = [torch.empty_like(halves(x)[0]) for x in ctx.pieces[0].xs]  # for the gate gradients' dots
+        owned = False  # whether the gradients in gx are buffers of this backward (may be overwritten)
 
         for piece in reversed(ctx.pieces):
             n = piece.hi - piece.lo
@@ -307,12 +309,13 @@ class _TitansMemory(torch.autograd.Function):
                     if s is not None:
                         halves(g)[0].add_(s)
                     merged.append(g)
-                gx, g_start = merged, [None] * L
+                gx, g_start, owned = merged, [None] * L, True
             sl = slice(piece.lo, piece.hi)
             gy = grad_o[:, :, sl] if grad_o is not None else None
             g = _piece_gates(ctx.groups, piece, qh.dtype)
             res = read_update_backward(qh[:, :, sl], piece.key, piece.read, g, piece.xs, last=n - 1,
-                                       opts=opts, ln=ln, grad_y=gy if opts.read == "token" else None, grad_x=gx)
+                                       opts=opts, ln=ln, grad_y=gy if opts.read == "token" else None, grad_x=gx,
+                                       owned=owned, scratch=scratch)
             # gradients of the chunk-start weights accumulate in place
             if piece.shared:
                 acc_start = [halves(x)[0] for x in res.xs]
@@ -352,7 +355,7 @@ class _TitansMemory(torch.autograd.Function):
                 getattr(dg, name)[..., :n].copy_(getattr(res.gates, name))
             for name in ("c", "d"):
                 getattr(dg, name)[..., :n, :n].copy_(getattr(res.gates, name))
-            gx = res.xs
+            gx, owned = res.xs, True
             g_start = [None] * L if piece.shared else acc_start
 
         outs = [x for g in ctx.groups for x in g]

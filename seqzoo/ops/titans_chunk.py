@@ -168,6 +168,15 @@ def read_token(q: Tensor, key: KeyPass, g: Gates, xs: Sequence[Tensor], opts: Op
     return Read(q + h if opts.residual else h, pqs, pre)
 
 
+def _scaled_pair(delta: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    """[C ⊙ Delta | D ⊙ Delta]: (B, H, n, 2 d_out)."""
+    out = delta.new_empty(*delta.shape[:-1], 2 * delta.shape[-1])
+    left, right = halves(out)
+    torch.mul(delta, c, out=left)
+    torch.mul(delta, d, out=right)
+    return out
+
+
 def update(key: KeyPass, g: Gates, xs: Sequence[Tensor], *, last: int, opts: Options) -> list[Tensor]:
     """[W | S] after token ``last`` of the chunk, in closed form (gates in the weights' dtype)."""
     a_r, b_r, e_r = (x[..., last, None, None] for x in (g.a, g.b, g.e))  # (B, H, 1, 1)
@@ -190,7 +199,7 @@ def update(key: KeyPass, g: Gates, xs: Sequence[Tensor], *, last: int, opts: Opt
         else:
             wn.addcmul_(s, b_r)
             torch.mul(s, e_r, out=sn)
-            addmm_(xn, hk_t, torch.cat([c_r * delta, d_r * delta], dim=-1), alpha=-1)
+            addmm_(xn, hk_t, _scaled_pair(delta, c_r, d_r), alpha=-1)
         new.append(xn)
     return new
 
@@ -207,10 +216,14 @@ class ReadUpdateGrads(NamedTuple):
 
 def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, xs: Sequence[Tensor], *,
                          last: int, opts: Options, ln: tuple[Tensor, Tensor] | None,
-                         grad_y: Tensor | None, grad_x: Sequence[Tensor | None]) -> ReadUpdateGrads:
+                         grad_y: Tensor | None, grad_x: Sequence[Tensor | None], owned: bool = False,
+                         scratch: Sequence[Tensor] | None = None) -> ReadUpdateGrads:
     """VJP of ``read_token`` (when ``read`` is given) and ``update`` for one chunk of n real
     tokens (formulas in the module docstring). ``grad_y`` (B, H, n, V) and ``grad_x`` (per
-    layer) are the gradients of the read-out and of [W | S] after the chunk (None: zero)."""
+    layer) are the gradients of the read-out and of [W | S] after the chunk (None: zero).
+    ``owned``: ``grad_x`` may be overwritten (it becomes the returned [dW_0 | dS_0]: fresh
+    weight-sized buffers cost page faults on CPU); ``scratch``: one weight-sized buffer per
+    layer for the gate gradients' dot products."""
     act = ACTIVATIONS[opts.activation]
     n_layers, n = len(xs), q.shape[2]
     shape = (*q.shape[:2], n)
@@ -222,23 +235,24 @@ def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, x
     c_r, d_r = g.c[..., last, :, None], g.d[..., last, :, None]  # (B, H, n, 1)
     a_r, b_r, e_r = (x[..., last, None, None] for x in (g.a, g.b, g.e))  # (B, H, 1, 1)
 
+    def dot_(layer: int, x: Tensor, y: Tensor) -> Tensor:
+        """<x, y> per (B, H) (through a reused buffer when there is one)."""
+        if scratch is None:
+            return dot(x, y)
+        return torch.mul(x, y, out=scratch[layer]).sum((-2, -1))
+
     # the state after the chunk
     for layer, (x, gx_next) in enumerate(zip(xs, grad_x)):
         hk, delta = key.inputs[layer], key.deltas[layer]
         w, s = halves(x)
-        gx = torch.zeros_like(x) if gx_next is None else torch.empty_like(x)
-        gxs.append(gx)
         if gx_next is None:
+            gxs.append(torch.zeros_like(x))
             continue
         gw_next, gs_next = halves(gx_next)
-        gw, gs = halves(gx)
-        if opts.no_forgetting:
-            gw.copy_(gw_next)
-        else:
-            torch.mul(gw_next, a_r, out=gw)
-            d_a[..., last] += dot(gw_next, w)
+        # everything that reads the incoming gradient first, ...
+        if not opts.no_forgetting:
+            d_a[..., last] += dot_(layer, gw_next, w)
         if opts.no_momentum:  # W_r = A_r W_0 - Hk^T diag(C_r) Delta,  S_r = -D_rr hk_r^T delta_r
-            gs.zero_()
             m = hk @ gw_next  # (B, H, n, d_out)
             d_c[..., last, :] -= (m * delta).sum(-1)
             d_delta[layer] = -(c_r * m)
@@ -249,16 +263,26 @@ def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, x
             d_delta[layer][..., last:, :] -= d_rr * m_r
             d_hk[layer][..., last:, :] -= (d_rr * delta[..., last:, :]) @ gs_next.transpose(-1, -2)
         else:
-            torch.mul(gs_next, e_r, out=gs)
-            gs.addcmul_(gw_next, b_r)
-            d_b[..., last] += dot(gw_next, s)
-            d_e[..., last] += dot(gs_next, s)
+            d_b[..., last] += dot_(layer, gw_next, s)
+            d_e[..., last] += dot_(layer, gs_next, s)
             m, m_s = halves(hk @ gx_next)  # (B, H, n, d_out) each
             d_c[..., last, :] -= (m * delta).sum(-1)
             d_d[..., last, :] -= (m_s * delta).sum(-1)
             d_delta[layer] = torch.mul(m, c_r).addcmul_(m_s, d_r).neg_()
-            rhs = torch.cat([c_r * delta, d_r * delta], dim=-1)  # (B, H, n, 2 d_out)
-            d_hk[layer] = -(rhs @ gx_next.transpose(-1, -2))
+            d_hk[layer] = -(_scaled_pair(delta, c_r, d_r) @ gx_next.transpose(-1, -2))
+        # ... then [dW_0 | dS_0] = [A_r dW_r | B_r dW_r + E_r dS_r], in place when allowed
+        gx = gx_next if owned else torch.empty_like(x)
+        gw, gs = halves(gx)
+        if opts.no_momentum:
+            gs.zero_()
+        else:
+            torch.mul(gs_next, e_r, out=gs)
+            gs.addcmul_(gw_next, b_r)
+        if opts.no_forgetting:
+            gw.copy_(gw_next)
+        else:
+            torch.mul(gw_next, a_r, out=gw)
+        gxs.append(gx)
 
     # the token read-out
     d_q, d_ln = None, (None, None)
