@@ -286,6 +286,9 @@ class _TitansMemory(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_o: Tensor | None, *grad_state: Tensor | None):
+        if ctx.pieces is None:
+            raise RuntimeError("titans_memory: backward ran twice through the same call (retain_graph); "
+                               "the op frees what it saved piece by piece during the first backward")
         spec: _Spec = ctx.spec
         L, opts = spec.n_layers, spec.opts
         (B, H, T, K), Kk, V = ctx.shapes
@@ -299,7 +302,9 @@ class _TitansMemory(torch.autograd.Function):
         scratch = [torch.empty_like(halves(x)[0]) for x in ctx.pieces[0].xs]  # for the gate gradients' dots
         owned = False  # whether the gradients in gx are buffers of this backward (may be overwritten)
 
-        for piece in reversed(ctx.pieces):
+        for i in reversed(range(len(ctx.pieces))):
+            piece = ctx.pieces[i]
+            ctx.pieces[i] = None  # freed as soon as it is used: the allocator reuses the memory
             n = piece.hi - piece.lo
             if piece.closes and any(x is not None for x in g_start):
                 # the next chunk's start weights are the W half of this piece's output
@@ -358,6 +363,7 @@ class _TitansMemory(torch.autograd.Function):
             gx, owned = res.xs, True
             g_start = [None] * L if piece.shared else acc_start
 
+        ctx.pieces = None
         outs = [x for g in ctx.groups for x in g]
         grads = [x for g in d_groups for x in g]
         d_gates = torch.autograd.grad(outs, ctx.gate_leaves, grads, allow_unused=True)
