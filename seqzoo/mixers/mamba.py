@@ -13,7 +13,7 @@ Initialisation (sec. 3.6 and appendix): A_log = log(1..N) per channel (S4D-real)
 dt_proj.weight uniform in ±R^-0.5 · dt_scale, dt floored at ``dt_init_floor``.
 Decode state: the last ``d_conv - 1`` conv inputs and the SSM state h: (B, E·D, N).
 Backends: "reference" (``scan``: the chunked or the sequential pure-PyTorch scan, "auto"
-picks by size, see ``seqzoo.ops.selective_scan``) and "mamba_ssm" (its fused CUDA
+picks the chunked form except for very short calls, see ``seqzoo.ops.selective_scan``) and "mamba_ssm" (its fused CUDA
 selective-scan kernel, for calls without an incoming state; not testable on CPU).
 """
 
@@ -46,8 +46,8 @@ class MambaConfig(MixerConfig):
     conv_bias: bool = True
     bias: bool = Field(False, description="biases on in_proj / out_proj")
     scan: Literal["auto", "chunked", "sequential"] = Field(
-        "auto", description="reference form of the scan; auto = chunked unless one chunk would be all of T")
-    chunk_size: int | None = Field(None, ge=1, description="chunk length of the chunked scan; None = automatic")
+        "auto", description="reference form of the scan; auto = chunked (closed form) unless T < 24")
+    chunk_size: int | None = Field(None, ge=1, description="longest chunk of the chunked scan (a decay budget may cut chunks shorter); None = automatic")
 
     def check(self, d_model: int) -> None:
         if int(self.expand * d_model) < 1:

@@ -16,14 +16,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seqzoo.ops.selective_scan import (
-    _MAX_EXPONENT,
-    _BlockedCumsum,
-    _chunk_bounds,
     default_chunk_size,
     selective_scan,
     selective_scan_chunked,
     selective_scan_sequential,
 )
+from seqzoo.ops.selective_scan_chunked import _MAX_EXPONENT, _BlockedCumsum, _chunk_bounds
 from tests.helpers import assert_close
 
 
