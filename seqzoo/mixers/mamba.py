@@ -47,7 +47,8 @@ class MambaConfig(MixerConfig):
     bias: bool = Field(False, description="biases on in_proj / out_proj")
     scan: Literal["auto", "chunked", "sequential"] = Field(
         "auto", description="reference form of the scan; auto = chunked (closed form) unless T < 24")
-    chunk_size: int | None = Field(None, ge=1, description="longest chunk of the chunked scan (a decay budget may cut chunks shorter); None = automatic")
+    chunk_size: int | None = Field(None, ge=1, description="longest chunk of the chunked scan (a decay budget "
+                                                          "may cut chunks shorter); None = automatic")
 
     def check(self, d_model: int) -> None:
         if int(self.expand * d_model) < 1:
