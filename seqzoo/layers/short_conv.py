@@ -44,10 +44,10 @@ class ShortConv(nn.Module):
         # needs no transposes.
         weight = rearrange(self.conv.weight, "d 1 k -> k d")
         y = padded[:, k - 1:] * weight[k - 1]
-        for j in range(k - 1):
-            y = torch.addcmul(y, padded[:, j:j + T], weight[j])
+        for j in range(k - 1):  # in place: one (B, T, D) buffer, not k (autograd needs none of them)
+            y.addcmul_(padded[:, j:j + T], weight[j])
         if self.conv.bias is not None:
-            y = y + self.conv.bias
+            y.add_(self.conv.bias)
         new_state = rearrange(padded[:, padded.shape[1] - (k - 1):], "b k d -> b d k").contiguous()
         return self._act(y), new_state
 

@@ -19,10 +19,14 @@ gate-weighted sum of the chunk's gradients u_i; each u_i of an MLP layer is an o
 ``A * (H W0) + B * (H S0) - (C ⊙ H Hk^T) Delta``, layer by layer: a handful of matmuls and
 no per-token weight tensor. At the chunk end W and S are updated in closed form.
 
-Training: the op is a ``torch.autograd.Function`` whose backward walks the chunks in
-reverse with a hand-derived VJP for the weight-sized parts (``titans_chunk.chunk_backward``).
-It keeps one (weights, momentum) pair per chunk and the query path's pre-activations, and
-recomputes the cheap rest, so memory grows as T / chunk_size weight copies.
+Training: the op is a ``torch.autograd.Function`` (``_TitansMemory``) whose backward walks
+the chunks in reverse with the hand-derived VJP of ``titans_chunk`` (read-out, state update
+and the key pass, the latter through f'' of the activation); only the n x n gate products go
+through autograd, in one call at the end. It keeps one [W | S] per chunk and activation-sized
+traces (memory grows as T / chunk_size weight copies plus O(T) activations) and frees each
+chunk's share as soon as the backward has used it. Internally W and S of a layer sit side
+by side in one (B, H, d_in, 2 d_out) tensor, so every product with both is one GEMM; the
+``TitansState`` it returns holds views of it.
 
 State (``TitansState``): the chunk-start weights (where gradients are taken), the current
 weights M_t, the momentum S_t and the position inside the chunk, so a call may stop at any
