@@ -198,7 +198,7 @@ def _run(qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor, alpha: 
         cut, gate_groups = _cut(*log_gates(theta, eta, alpha), pos=pos, chunk_size=chunk_size)
     else:
         cut = _cut_only(qh.shape[2], pos, chunk_size)
-    outs = []
+    outs, inputs, spare = [], set(map(id, xs)), None
     for piece in cut:
         lo, hi = piece.lo, piece.hi
         g = _piece_gates(gate_groups, piece, qh.dtype)
@@ -225,7 +225,10 @@ def _run(qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor, alpha: 
             tr = trace_mlp(q, st, opts, ln)
             y = tr.out + q if opts.residual else tr.out
         outs.append(y)
-        new = update(key, g, xs, last=hi - lo - 1, opts=opts)
+        new = update(key, g, xs, last=hi - lo - 1, opts=opts, out=spare)
+        # Without a backward, a state that a closed chunk leaves behind is dead: its buffers
+        # take the state after the next piece (fresh weight-sized buffers cost page faults).
+        spare = xs if record is None and piece.closes and id(xs[0]) not in inputs else None
         if record is not None:
             record.append(piece._replace(xs=xs, start=st, shared=shared, key=key, key_graph=key_graph,
                                          read=rd, read_start=tr))

@@ -177,15 +177,17 @@ def _scaled_pair(delta: Tensor, c: Tensor, d: Tensor) -> Tensor:
     return out
 
 
-def update(key: KeyPass, g: Gates, xs: Sequence[Tensor], *, last: int, opts: Options) -> list[Tensor]:
-    """[W | S] after token ``last`` of the chunk, in closed form (gates in the weights' dtype)."""
+def update(key: KeyPass, g: Gates, xs: Sequence[Tensor], *, last: int, opts: Options,
+           out: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """[W | S] after token ``last`` of the chunk, in closed form (gates in the weights' dtype),
+    written into ``out`` (buffers shaped like ``xs``, none of them ``xs``) if given."""
     a_r, b_r, e_r = (x[..., last, None, None] for x in (g.a, g.b, g.e))  # (B, H, 1, 1)
     c_r, d_r = g.c[..., last, :, None], g.d[..., last, :, None]       # (B, H, n, 1)
     new = []
-    for x, hk, delta in zip(xs, key.inputs, key.deltas):
+    for layer, (x, hk, delta) in enumerate(zip(xs, key.inputs, key.deltas)):
         w, s = halves(x)
         hk_t = hk.transpose(-1, -2)  # (B, H, d_in, n)
-        xn = torch.empty_like(x)
+        xn = torch.empty_like(x) if out is None else out[layer]
         wn, sn = halves(xn)
         if opts.no_forgetting:
             wn.copy_(w)
