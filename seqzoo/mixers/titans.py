@@ -2,16 +2,39 @@
 "Titans: Learning to Memorize at Test Time", section 3 and section 4.4 "Architectural
 Details"; DESIGN.md 5.9).
 
-Per head: q, k, v = SiLU(short-conv(x W_{q,k,v})) with q, k L2-normalised; data-dependent
-gates per token and head, theta_t = max_lr * sigmoid(.), eta_t = max_momentum * sigmoid(.),
-alpha_t = max_forget * sigmoid(.); a memory MLP (depth 1-4, hidden = expansion * K, learnable
-initial weights per head) trained at test time on ||M(k_t) - v_t||^2 with momentum and
-forgetting (eq. 13-14, chunked gradients eq. 16-18, see ``seqzoo.ops.titans``); read-out
-y_t = M_t(q_t); output RMSNorm and SiLU(x W_g) gate before the out-projection.
+Per head: q, k = SiLU(short-conv(x W_{q,k})), L2-normalised (the paper, section 4.4); the
+value path is the paper's SiLU(short-conv(x W_v)) or a plain projection x W_v
+(``value_path``). A memory MLP (depth 1-4, hidden = expansion * K, learnable initial weights
+M_0 per head, optionally with a bias per layer, an outer LayerNorm and a residual as TTT's
+inner model) is trained at test time on ||M(k_t) - v_t||^2 with momentum and forgetting
+(eq. 13-14; chunked gradients eq. 16-18, see ``seqzoo.ops.titans``); read-out y_t = M_t(q_t);
+output RMSNorm and SiLU(x W_g) gate before the out-projection.
+
+Stability by construction (the bound; tested at saturated gate logits)
+--------------------------------------------------------------------
+Gates per token and head, theta_t = max_lr * sigmoid(.), eta_t = max_momentum * sigmoid(.) with
+max_momentum < 1, alpha_t = max_forget * sigmoid(.). Every token's gradient u_t (all layers
+together, taken at the chunk-start weights, of the un-halved loss) is soft-clipped,
+u_t -> s_t u_t with s_t = (1 + ||u_t||^2 / G^2)^(-1/2), so ||s_t u_t|| < G = max_grad_norm
+whatever the error. Then, for any inputs and any gate logits, at any chunk size:
+
+    ||S_t|| <= eta_max ||S_{t-1}|| + theta_max G   =>   ||S_t|| <= R := theta_max G / (1 - eta_max)
+
+(by induction, S_0 = 0; in a chunk S_t = E_t S_0 - sum_i D_ti s_i u_i with D_ti = theta_i E_t/E_i,
+and sum_i D_ti <= theta_max / (1 - eta_max)), and M_t = (1 - alpha_t) M_{t-1} + S_t gives
+
+    ||M_t|| <= ||M_0|| + t R          (never more than linear growth), and with alpha >= alpha_min > 0
+    ||M_t|| <= max(||M_0||, R / alpha_min).
+
+Without the clip the gradient grows with the error it corrects, so a too-large step (theta
+times the curvature 2||k||^2, amplified by up to 1/(1 - eta) through momentum and by up to
+chunk_size when one chunk's gradients all see the same weights) feeds back exponentially:
+the runaways the tests reproduce. ``describe`` and the training log show R and the gates.
 
 Ablation switches (the paper's table 5): ``linear_memory`` (L_M = 1), ``conv=False``,
 ``momentum=False`` (eta = 0), ``forgetting=False`` (alpha = 0). Persistent memory belongs to
-the hybrid blocks (MAC / MAG / MAL), not to this mixer.
+the hybrid blocks (MAC / MAG / MAL), not to this mixer. The paper's exact memory is
+``{value_path: silu_conv, qk_norm: l2, bias: false, memory_norm: none, residual: false}``.
 """
 
 from __future__ import annotations
@@ -28,28 +51,41 @@ from torch import Tensor, nn
 from seqzoo.layers.norms import GatedRMSNorm
 from seqzoo.layers.short_conv import ShortConv
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
-from seqzoo.ops.titans import ACTIVATIONS, TitansState, titans_memory
+from seqzoo.ops.titans import ACTIVATIONS, TitansState, memory_read, titans_memory
 
 
 class TitansConfig(MixerConfig):
     n_heads: int = Field(4, ge=1)
     depth: int = Field(2, ge=1, le=4, description="memory MLP layers L_M (1 = matrix memory)")
     expansion: int = Field(4, ge=1, description="hidden width of the memory MLP / head dim")
-    activation: str = "silu"
+    activation: str = Field("silu", description="the memory MLP's activation")
+    # -- the memory's architecture ---------------------------------------------------------
+    bias: bool = Field(True, description="a bias per memory layer (trained by the inner loop too)")
+    memory_norm: Literal["none", "layernorm"] = Field(
+        "none", description="an outer LayerNorm on the memory's output (TTT, titans-pytorch); its "
+                            "affine parameters are learned by the outer loop only")
     residual: bool = Field(False, description="residual memory M(x) = x + MLP(x)")
-    chunk_size: int = Field(64, ge=1, description="tokens per chunk b (gradients at chunk-start weights)")
-    read: Literal["token", "chunk_start"] = "token"
-    # Stability: a chunk takes all its gradients at one point, so for repeated keys the
-    # chunk's step is about theta * chunk_size / (1 - eta) times the curvature 2||k||^2 = 2;
-    # the defaults keep that below 1 at chunk_size 64 (and a 64K-token stream finite).
-    max_lr: float = Field(0.01, gt=0, description="theta_t = max_lr * sigmoid(.)")
-    max_momentum: float = Field(1.0, gt=0, le=1, description="eta_t = max_momentum * sigmoid(.)")
-    max_forget: float = Field(1.0, gt=0, le=1, description="alpha_t = max_forget * sigmoid(.)")
-    init_lr: float = Field(0.2, gt=0, lt=1, description="initial theta_t / max_lr")
-    init_momentum: float = Field(0.9, gt=0, lt=1, description="initial eta_t / max_momentum")
-    init_forget: float = Field(0.001, gt=0, lt=1, description="initial alpha_t / max_forget")
-    conv: bool = Field(True, description="short causal depthwise conv on q, k, v")
+    init_scale: float = Field(1.0, gt=0, description="M_0 ~ N(0, init_scale^2 / d_in) per layer")
+    # -- projections -----------------------------------------------------------------------
+    conv: bool = Field(True, description="short causal depthwise conv (then SiLU) on q, k (and v "
+                                         "with value_path=silu_conv)")
     conv_size: int = Field(4, ge=1)
+    qk_norm: Literal["l2", "none"] = Field("l2", description="L2-normalise q and k (the paper, section 4.4)")
+    value_path: Literal["silu_conv", "linear"] = Field(
+        "linear", description="silu_conv: v = SiLU(conv(x W_v)) as the paper; linear: v = x W_v")
+    # -- chunking ----------------------------------------------------------------------------
+    chunk_size: int = Field(16, ge=1, description="tokens per chunk b (gradients at chunk-start weights)")
+    read: Literal["token", "chunk_start"] = "token"
+    # -- gates and the stability bound (module docstring) -----------------------------------
+    max_lr: float = Field(0.5, gt=0, le=10, description="theta_t = max_lr * sigmoid(.)")
+    max_momentum: float = Field(0.9, gt=0, lt=1, description="eta_t = max_momentum * sigmoid(.); < 1 bounds "
+                                                              "the momentum's gain 1 / (1 - eta)")
+    max_forget: float = Field(1.0, gt=0, le=1, description="alpha_t = max_forget * sigmoid(.)")
+    max_grad_norm: float = Field(4.0, gt=0, description="G: every token's gradient is soft-clipped to a "
+                                                         "norm below G")
+    init_lr: float = Field(0.2, gt=0, lt=1, description="initial theta_t / max_lr")
+    init_momentum: float = Field(0.5, gt=0, lt=1, description="initial eta_t / max_momentum")
+    init_forget: float = Field(0.001, gt=0, lt=1, description="initial alpha_t / max_forget")
     momentum: bool = Field(True, description="False: eta = 0 (ablation)")
     forgetting: bool = Field(True, description="False: alpha = 0 (ablation)")
     linear_memory: bool = Field(False, description="ablation: a matrix memory (L_M = 1)")
@@ -65,9 +101,15 @@ class TitansConfig(MixerConfig):
     def memory_depth(self) -> int:
         return 1 if self.linear_memory else self.depth
 
+    @property
+    def step_bound(self) -> float:
+        """R = theta_max G / (1 - eta_max): no token moves the memory weights by more."""
+        eta_max = self.max_momentum if self.momentum else 0.0
+        return self.max_lr * self.max_grad_norm / (1 - eta_max)
+
 
 class TitansMixerState(NamedTuple):
-    conv: Tensor          # (B, 3D, conv_size - 1) short-conv inputs
+    conv: Tensor          # (B, C_conv, conv_size - 1) short-conv inputs (q, k and, if convolved, v)
     memory: TitansState   # chunk-start weights, current weights, momentum, position in chunk
 
 
@@ -86,6 +128,10 @@ class Titans(TokenMixer):
         "chunk_size": [1, 3, 8],
         "read": ["token", "chunk_start"],
         "residual": [False, True],
+        "bias": [False, True],
+        "memory_norm": ["none", "layernorm"],
+        "value_path": ["silu_conv", "linear"],
+        "qk_norm": ["l2", "none"],
     }
 
     def __init__(self, config: TitansConfig, *, d_model: int, layer_idx: int = 0) -> None:
@@ -93,28 +139,63 @@ class Titans(TokenMixer):
         h = self.n_heads = config.n_heads
         k = self.head_dim = d_model // h
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.conv = ShortConv(3 * d_model, kernel_size=config.conv_size) if config.conv else None
+        self.conv_value = config.value_path == "silu_conv"
+        conv_width = (3 if self.conv_value else 2) * d_model
+        self.conv = ShortConv(conv_width, kernel_size=config.conv_size) if config.conv else None
         self.gates = nn.Linear(d_model, 3 * h)  # theta, eta, alpha per head
         with torch.no_grad():
             self.gates.weight.mul_(0.1)  # start near the initial gate values below
             init = (config.init_lr, config.init_momentum, config.init_forget)
             self.gates.bias.copy_(torch.tensor([_logit(p) for p in init]).repeat_interleave(h))
         dims = [k] + [k * config.expansion] * (config.memory_depth - 1) + [k]
-        # Learnable initial memory weights M_0 per head (the outer loop learns them).
+        bias = int(config.bias)
+        # Learnable initial memory weights M_0 per head (the outer loop learns them); with
+        # ``bias`` each layer's last row is its bias (the weight of a constant-1 input), zero at init.
         self.memory = nn.ParameterList(
-            nn.Parameter(torch.randn(h, dims[i], dims[i + 1]) / math.sqrt(dims[i]))
+            nn.Parameter(torch.cat([torch.randn(h, dims[i], dims[i + 1]) * (config.init_scale / math.sqrt(dims[i])),
+                                    torch.zeros(h, bias, dims[i + 1])], 1))
             for i in range(config.memory_depth))
+        if config.memory_norm == "layernorm":
+            self.ln_weight = nn.Parameter(torch.ones(h, k))
+            self.ln_bias = nn.Parameter(torch.zeros(h, k))
         self.gate_proj = nn.Linear(d_model, d_model, bias=False)
         self.norm = GatedRMSNorm(k)
         self.out = nn.Linear(d_model, d_model, bias=False)
+        self.telemetry: dict[str, Tensor] = {}  # gate and weight statistics of the last training call
+
+    # -- the memory's options, as the op takes them -----------------------------------------
+    @property
+    def _ln(self) -> tuple[Tensor, Tensor] | None:
+        return (self.ln_weight, self.ln_bias) if self.config.memory_norm == "layernorm" else None
+
+    def _memory_options(self) -> dict:
+        c = self.config
+        return dict(activation=c.activation, residual=c.residual, bias=c.bias, ln=self._ln)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> TitansMixerState:
         weights = tuple(repeat(w.to(device=device, dtype=dtype), "h i o -> b h i o", b=batch_size)  # (B, H, d_in, d_out)
                         for w in self.memory)
         memory = TitansState(weights, weights, tuple(torch.zeros_like(w) for w in weights), 0)
         conv = (self.conv.init_state(batch_size, device=device, dtype=dtype) if self.conv is not None
-                else torch.zeros(batch_size, 3 * self.d_model, 0, device=device, dtype=dtype))
+                else torch.zeros(batch_size, 0, 0, device=device, dtype=dtype))
         return TitansMixerState(conv, memory)
+
+    def project(self, x: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v (B, T, H, K) of x (B, T, D) and the new short-conv state."""
+        q, k, v = self.qkv(x).split(self.d_model, dim=-1)
+        mixed = torch.cat([q, k, v], -1) if self.conv_value else torch.cat([q, k], -1)  # (B, T, 2D or 3D)
+        if self.conv is not None:
+            mixed, conv_state = self.conv(mixed, conv_state)
+        else:
+            mixed = F.silu(mixed)
+        if self.conv_value:
+            q, k, v = mixed.split(self.d_model, dim=-1)
+        else:
+            q, k = mixed.split(self.d_model, dim=-1)
+        q, k, v = (rearrange(z, "b t (h d) -> b t h d", h=self.n_heads) for z in (q, k, v))  # (B, T, H, K)
+        if self.config.qk_norm == "l2":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return q, k, v, conv_state
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.config
@@ -124,24 +205,46 @@ class Titans(TokenMixer):
         alpha = c.max_forget * alpha if c.forgetting else torch.zeros_like(alpha).detach()
         return theta, eta, alpha
 
+    def _output(self, o: Tensor, x: Tensor) -> Tensor:
+        """RMSNorm(o) * SiLU(x W_g), then the out-projection: (B, T, H, V) -> (B, T, D)."""
+        gate = rearrange(self.gate_proj(x), "b t (h d) -> b t h d", h=self.n_heads)  # (B, T, H, V)
+        return self.out(rearrange(self.norm(o, gate), "b t h d -> b t (h d)"))  # (B, T, D)
+
     def forward(self, x: Tensor, state: TitansMixerState | None = None) -> tuple[Tensor, TitansMixerState]:
         state = state if state is not None else self.default_state(x)
-        qkv = self.qkv(x)
-        if self.conv is not None:
-            qkv, conv_state = self.conv(qkv, state.conv)
-        else:
-            qkv, conv_state = F.silu(qkv), state.conv
-        q, k, v = rearrange(qkv, "b t (g h d) -> g b t h d", g=3, h=self.n_heads)  # (B, T, H, K)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v, conv_state = self.project(x, state.conv)
         theta, eta, alpha = self._gates(x)
         o, memory = titans_memory(q, k, v, theta, eta, alpha, None, chunk_size=self.config.chunk_size,
-                                  activation=self.config.activation, read=self.config.read,
-                                  initial_state=state.memory, output_final_state=True,
-                                  residual=self.config.residual)
-        gate = rearrange(self.gate_proj(x), "b t (h d) -> b t h d", h=self.n_heads)  # (B, T, H, V)
-        y = rearrange(self.norm(o, gate), "b t h d -> b t (h d)")  # (B, T, D)
-        return self.out(y), TitansMixerState(conv_state, memory)
+                                  read=self.config.read, initial_state=state.memory, output_final_state=True,
+                                  max_grad_norm=self.config.max_grad_norm, **self._memory_options())
+        if self.training and x.shape[1]:
+            self._record(k, theta, eta, alpha, memory)
+        return self._output(o, x), TitansMixerState(conv_state, memory)
+
+    def read(self, x: Tensor, weights: tuple[Tensor, ...], conv_state: Tensor) -> tuple[Tensor, Tensor]:
+        """M(q(x)) with the given memory weights, without writing, through the projections and
+        output head: (B, n, D) -> (B, n, D), and the new short-conv state (MAC's h = M*_{s-1}(q))."""
+        q, _, _, conv_state = self.project(x, conv_state)
+        return self._output(memory_read(weights, q, **self._memory_options()), x), conv_state
 
     def step(self, x: Tensor, state: TitansMixerState) -> tuple[Tensor, TitansMixerState]:
         y, state = self.forward(x[:, None], state)
         return y[:, 0], state
+
+    # -- telemetry ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _record(self, k: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor, memory: TitansState) -> None:
+        """The inner loop at a glance: the mean effective write 2 theta ||k||^2 (the step along
+        a key for a matrix memory, before the soft clip), the mean gates, and the memory's
+        weight norm (all layers, per head, averaged) after the call."""
+        norm = torch.stack([w.float().pow(2).sum((-2, -1)) for w in memory.weights]).sum(0).sqrt()  # (B, H)
+        self.telemetry = {"write": (2 * theta * k.pow(2).sum(-1)).mean(), "lr": theta.mean(), "eta": eta.mean(),
+                          "alpha": alpha.mean(), "weight_norm": norm.mean()}
+
+    def gate_ranges(self) -> str:
+        """A one-line summary of the parameterisation, for ``describe``."""
+        c = self.config
+        eta = f"[0, {c.max_momentum:g})" if c.momentum else "0"
+        alpha = f"[0, {c.max_forget:g})" if c.forgetting else "0"
+        return (f"theta in [0, {c.max_lr:g}), eta in {eta}, alpha in {alpha}, grad norm < {c.max_grad_norm:g}, "
+                f"step bound R = {c.step_bound:.3g}")

@@ -44,7 +44,6 @@ from seqzoo.mixers.base import (
     ConfigError, MixerConfig, State, TokenMixer, get, make_config, register,
 )
 from seqzoo.mixers.titans import Titans, TitansMixerState
-from seqzoo.ops.titans import memory_read
 
 
 # -- shared pieces -----------------------------------------------------------------------
@@ -310,20 +309,6 @@ class TitansMAC(TokenMixer):
                             device=device, dtype=dtype)
         return MACState(memory, memory.memory.weights, memory.conv.clone(), cache, cache.clone(), 0)
 
-    # -- reading the titans memory without writing (its projections and output head) ------
-    def _read(self, x: Tensor, weights: tuple[Tensor, ...], conv: Tensor) -> tuple[Tensor, Tensor]:
-        """h = M*(q(x)) in model space with the given memory weights; x: (B, n, D)."""
-        mem, cfg = self.memory, self.memory.config
-        qkv = mem.qkv(x)
-        if mem.conv is not None:
-            qkv, conv = mem.conv(qkv, conv)
-        else:
-            qkv = F.silu(qkv)
-        q = rearrange(qkv, "b t (g h d) -> g b t h d", g=3, h=mem.n_heads)[0]  # (B, n, H, K)
-        o = memory_read(weights, F.normalize(q, dim=-1), activation=cfg.activation, residual=cfg.residual)
-        gate = rearrange(mem.gate_proj(x), "b t (h d) -> b t h d", h=mem.n_heads)  # (B, n, H, V)
-        return mem.out(rearrange(mem.norm(o, gate), "b t h d -> b t (h d)")), conv  # (B, n, D)
-
     def _qkv(self, z: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = rearrange(self.attn.qkv(z), "b t (three h k) -> three b t h k", three=3, h=self.attn.n_heads)
         q, k = self.attn.rotary(q, offset), self.attn.rotary(k, offset)
@@ -334,7 +319,7 @@ class TitansMAC(TokenMixer):
         b, n, _ = x.shape
         c, off = self.segment_len, state.pos % self.segment_len
         # 1) read the memory as it was before the segment: h_j = M*_{s-1}(q_j), no write.
-        h, read_conv = self._read(x, state.segment_weights, state.read_conv)
+        h, read_conv = self.memory.read(x, state.segment_weights, state.read_conv)
         # 2) causal attention over [P ‖ h ‖ S]: query i sees P, h_j and x_j for j <= i.
         q, k_x, v_x = self._qkv(x, off)
         _, k_h, v_h = self._qkv(h, off)

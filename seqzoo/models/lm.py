@@ -85,14 +85,30 @@ class LanguageModel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
+    def telemetry(self) -> dict[str, float]:
+        """Inner-loop statistics of the last training forward, per layer: every module of a
+        layer's mixer that keeps a ``telemetry`` dict (the Titans memory, also inside the
+        hybrids) reports under ``mem<layer>.<name>`` (e.g. ``mem0.write``)."""
+        out: dict[str, float] = {}
+        for i, block in enumerate(self.blocks):
+            for module in block.mixer.modules():
+                for name, value in (getattr(module, "telemetry", None) or {}).items():
+                    out[f"mem{i}.{name}"] = float(value)
+        return out
+
     def describe(self) -> str:
-        """A markdown table of the layers: mixer, backend, parameters, state size."""
+        """A markdown table of the layers: mixer, backend, parameters, state size; then the
+        gate ranges and step bound of every Titans memory."""
         rows = ["| layer | entry | mixer | backend | mixer params | block params | state (per sequence) |",
                 "|---:|---|---|---|---:|---:|---:|"]
         for i, block in enumerate(self.blocks):
             m = block.mixer
             rows.append(f"| {i} | {getattr(m, 'entry', '')} | {m.name} | {m.backend} | "
                         f"{_count(m):,} | {_count(block):,} | {m.state_size(1):,} |")
+        gates = [f"* layer {i}: {module.gate_ranges()}" for i, block in enumerate(self.blocks)
+                 for module in block.mixer.modules() if hasattr(module, "gate_ranges")]
+        if gates:
+            rows += ["", "Titans memory gates (the step bound R: no token moves the memory weights further):", *gates]
         total = self.num_params()
         rows.append(f"\n{self.recipe.name}: {total:,} parameters "
                     f"({self.num_params(exclude_embeddings=True):,} without embeddings), "

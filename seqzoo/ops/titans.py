@@ -67,6 +67,7 @@ from seqzoo.ops.titans_chunk import (
     Options,
     Read,
     Trace,
+    clip_backward,
     halves,
     key_pass,
     key_pass_backward,
@@ -352,7 +353,10 @@ class _TitansMemory(torch.autograd.Function):
                         a.add_(w_grad)
                 d_ln = [acc(x, y) for x, y in zip(d_ln, got[2 + L:])]
             else:
-                k_grad, v_grad = key_pass_backward(piece.key, piece.start, res.inputs, res.deltas, acc_start, opts)
+                d_inputs, d_deltas = res.inputs, res.deltas
+                if piece.key.scale is not None:  # back through the soft clip to the raw deltas
+                    d_inputs, d_deltas = clip_backward(piece.key, d_inputs, d_deltas, opts.max_grad_norm)
+                k_grad, v_grad = key_pass_backward(piece.key, piece.start, d_inputs, d_deltas, acc_start, opts)
             q_grad, ln_grad = res.q, res.ln
             if piece.read_start is not None and gy is not None:
                 q_grad, ln_grad = read_start_backward(gy, piece.read_start, piece.start, acc_start, opts, ln)
@@ -380,9 +384,12 @@ class _TitansMemory(torch.autograd.Function):
         return (None, dq, dk, dv, *d_gates, *d_ln, *gx, *starts)
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
-                  state: TitansState, *, chunk_size: int, read: str, residual: bool, bias: bool) -> None:
+                  state: TitansState, *, chunk_size: int, read: str, residual: bool, bias: bool,
+                  max_grad_norm: float | None) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm: expected a positive number or None, got {max_grad_norm}")
     if read not in ("token", "chunk_start"):
         raise ValueError(f"read: expected 'token' or 'chunk_start', got {read!r}")
     if q.shape != k.shape or q.ndim != 4:
@@ -405,13 +412,15 @@ def titans_memory(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, a
                   weights: Sequence[Tensor] | None, *, chunk_size: int, activation: str = "silu",
                   read: str = "token", initial_state: TitansState | None = None,
                   output_final_state: bool = False, residual: bool = False, bias: bool = False,
-                  ln: tuple[Tensor, Tensor] | None = None,
-                  ln_eps: float = 1e-6) -> tuple[Tensor, TitansState | None]:
+                  ln: tuple[Tensor, Tensor] | None = None, ln_eps: float = 1e-6,
+                  max_grad_norm: float | None = None) -> tuple[Tensor, TitansState | None]:
     """Titans neural memory over a sequence (paper eq. 13-18), chunked, any T.
 
     q, k: (B, T, H, K); v: (B, T, H, V); theta >= 0, eta in [0, 1], alpha in [0, 1]: (B, T, H).
     weights: initial memory weights, layer l of shape (B, H, d_{l-1}, d_l) (one layer = a
     matrix memory); ignored (may be None) when ``initial_state`` is given.
+    ``max_grad_norm`` G soft-clips every token's gradient (all layers together) to a norm
+    below G: u_i -> u_i / sqrt(1 + ||u_i||^2 / G^2) (see "Stability" in the module docstring).
     Returns o: (B, T, H, V) and the final ``TitansState`` (None unless ``output_final_state``).
     See the module docstring for the maths and the keyword-only TTT options."""
     check_activation(activation)
@@ -421,12 +430,13 @@ def titans_memory(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, a
         initial_state = init_state(weights)
     state = initial_state
     _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size, read=read,
-                  residual=residual, bias=bias)
+                  residual=residual, bias=bias, max_grad_norm=max_grad_norm)
     T, L = q.shape[1], len(state.weights)
     if T == 0:
         return v.new_zeros(v.shape), (state if output_final_state else None)
     # Gates that are exactly zero (TTT, the paper's ablations) let whole terms be skipped.
     opts = Options(activation=activation, read=read, residual=residual, bias=bias, ln_eps=ln_eps,
+                   max_grad_norm=max_grad_norm,
                    no_momentum=not eta.requires_grad and not bool(eta.any()),
                    no_forgetting=not alpha.requires_grad and not bool(alpha.any()))
     qh, kh, vh = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))  # (B, H, T, d)

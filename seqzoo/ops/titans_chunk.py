@@ -69,6 +69,7 @@ class Options(NamedTuple):
     ln_eps: float = 1e-6
     no_momentum: bool = False    # eta == 0 everywhere: B = E = 0, S_t = -theta_t u_t
     no_forgetting: bool = False  # alpha == 0 everywhere: A = 1
+    max_grad_norm: float | None = None  # soft clip of each token's gradient (``clip_scale``)
 
 
 def halves(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,11 +104,13 @@ def trace_mlp(h: Tensor, weights: Sequence[Tensor], opts: Options, ln: tuple[Ten
 
 class KeyPass(NamedTuple):
     """Forward + backward of M at the chunk-start weights on the keys: the gradient of layer
-    l for key i is inputs[l]_i^T deltas[l]_i."""
+    l for key i is inputs[l]_i^T deltas[l]_i (after the soft clip, when there is one)."""
 
     trace: Trace
     mids: list[Tensor]     # per layer l < L-1: delta_{l+1} W_{l+1}^T, before the f'(z_l) factor
-    deltas: list[Tensor]   # per layer: output-side delta (B, H, n, d_out)
+    deltas: list[Tensor]   # per layer: output-side delta (B, H, n, d_out), as written
+    raw: list[Tensor] | None = None   # the deltas before the soft clip (None: no clip)
+    scale: Tensor | None = None       # (B, H, n, 1) the clip factor s_i of each token
 
     @property
     def inputs(self) -> list[Tensor]:
@@ -134,7 +137,42 @@ def key_pass(k: Tensor, v: Tensor, start: Sequence[Tensor], opts: Options,
         deltas.append(delta)
     mids.reverse()
     deltas.reverse()
-    return KeyPass(tr, mids, deltas)
+    if opts.max_grad_norm is None:
+        return KeyPass(tr, mids, deltas)
+    scale = clip_scale(tr.inputs, deltas, opts.max_grad_norm)
+    return KeyPass(tr, mids, [d * scale for d in deltas], deltas, scale)
+
+
+def grad_norm_sq(inputs: Sequence[Tensor], deltas: Sequence[Tensor]) -> Tensor:
+    """||u_i||^2 summed over layers, per token: (B, H, n, 1). Each layer's gradient is the
+    outer product hk_i^T delta_i, whose squared Frobenius norm is ||hk_i||^2 ||delta_i||^2."""
+    return sum(h.pow(2).sum(-1, keepdim=True) * d.pow(2).sum(-1, keepdim=True) for h, d in zip(inputs, deltas))
+
+
+def clip_scale(inputs: Sequence[Tensor], deltas: Sequence[Tensor], max_norm: float) -> Tensor:
+    """s_i = (1 + ||u_i||^2 / G^2)^(-1/2): ||s_i u_i|| < G always, s_i ~ 1 for ||u_i|| << G."""
+    return torch.rsqrt(1 + grad_norm_sq(inputs, deltas) / max_norm ** 2)
+
+
+def clip_backward(key: KeyPass, grad_inputs: list[Tensor | None], grad_deltas: list[Tensor | None],
+                  max_norm: float) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """VJP of the soft clip: from the gradients of the key pass inputs hk and of the written
+    deltas s * delta, those of hk and of the raw deltas. With g = ||u||^2 and ds/dg = -s^3/(2 G^2),
+    d delta_l = s d delta'_l + c ||hk_l||^2 delta_l and d hk_l += c ||delta_l||^2 hk_l, where
+    c = -(s^3 / G^2) sum_l <d delta'_l, delta_l>."""
+    s, raw = key.scale, key.raw
+    ds = sum(((gd * d).sum(-1, keepdim=True) for gd, d in zip(grad_deltas, raw) if gd is not None),
+             torch.zeros_like(s))
+    c = ds.mul_(s.pow(3)).div_(-max_norm ** 2)  # (B, H, n, 1)
+    new_inputs, new_deltas = [], []
+    for h, d, gh, gd in zip(key.inputs, raw, grad_inputs, grad_deltas):
+        gd_raw = d * (c * h.pow(2).sum(-1, keepdim=True))
+        if gd is not None:
+            gd_raw.addcmul_(gd, s)
+        gh_extra = h * (c * d.pow(2).sum(-1, keepdim=True))
+        new_deltas.append(gd_raw)
+        new_inputs.append(gh_extra if gh is None else gh + gh_extra)
+    return new_inputs, new_deltas
 
 
 class Read(NamedTuple):
@@ -384,7 +422,8 @@ def key_pass_backward(key: KeyPass, start: Sequence[Tensor], grad_inputs: list[T
         t = g_mid @ w_next  # (B, H, n, d_{l+1})
         g_delta[layer + 1] = t if g_delta[layer + 1] is None else t.add_(g_delta[layer + 1])
         gw_next = grad_start[layer + 1][..., :-1, :] if opts.bias else grad_start[layer + 1]
-        addmm_(gw_next, g_mid.transpose(-1, -2), key.deltas[layer + 1])
+        raw = key.raw if key.raw is not None else key.deltas  # the chain of the unclipped deltas
+        addmm_(gw_next, g_mid.transpose(-1, -2), raw[layer + 1])
     # delta_L = 2 (out - v), out = z_L (+ k with a residual memory)
     dk = dv = None
     if g_delta[-1] is not None:

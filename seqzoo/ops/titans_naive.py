@@ -34,9 +34,10 @@ def titans_memory_naive(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Ten
                         weights: Sequence[Tensor] | None, *, chunk_size: int, activation: str = "silu",
                         read: str = "token", initial_state: TitansState | None = None,
                         output_final_state: bool = False, residual: bool = False, bias: bool = False,
-                        ln: tuple[Tensor, Tensor] | None = None,
-                        ln_eps: float = 1e-6) -> tuple[Tensor, TitansState | None]:
-    """Token loop: u_t = grad ||M_start(k_t) - v_t||^2, S_t = eta_t S_{t-1} - theta_t u_t,
+                        ln: tuple[Tensor, Tensor] | None = None, ln_eps: float = 1e-6,
+                        max_grad_norm: float | None = None) -> tuple[Tensor, TitansState | None]:
+    """Token loop: u_t = grad ||M_start(k_t) - v_t||^2 (soft-clipped to a norm below
+    ``max_grad_norm`` if given), S_t = eta_t S_{t-1} - theta_t u_t,
     M_t = (1 - alpha_t) M_{t-1} + S_t, y_t = M_t(q_t) (or M_start(q_t)); every ``chunk_size``
     tokens the start weights (where gradients are taken) move to M_t."""
     state = initial_state if initial_state is not None else init_state(weights)
@@ -60,6 +61,10 @@ def titans_memory_naive(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Ten
     ys = []
     for t in range(q.shape[1]):
         u = grad_fn(tuple(start), k[:, t], v[:, t], ln_w, ln_b)  # per layer (B, H, d_in, d_out)
+        if max_grad_norm is not None:  # soft clip of the whole gradient: ||s u|| < G
+            norm_sq = sum(du.pow(2).sum((-2, -1)) for du in u)  # (B, H)
+            scale = torch.rsqrt(1 + norm_sq / max_grad_norm ** 2)[..., None, None]
+            u = [du * scale for du in u]
         th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))  # (B, H, 1, 1)
         mom = [et * s - th * du for s, du in zip(mom, u)]
         cur = [(1 - al) * w + s for w, s in zip(cur, mom)]

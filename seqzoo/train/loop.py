@@ -300,7 +300,7 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
         if done % spec.log_every == 0 or done == spec.steps:
             elapsed = time.perf_counter() - t0
             record = {"step": done, "split": "train", "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                      "tokens_per_s": tokens / max(elapsed, 1e-9), **model.telemetry()}
             if log is not None:
                 log.append(record)
             bar.set_postfix(loss=f"{loss_total:.3f}", refresh=False)

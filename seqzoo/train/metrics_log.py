@@ -37,7 +37,9 @@ class MetricsLog:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -> Path | None:
-    """Training loss and every eval metric against the step; returns the PNG path."""
+    """Training loss, every eval metric and, for models with a Titans memory, its telemetry
+    (``mem<layer>.<name>``: one panel per statistic, a line per layer) against the step;
+    returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,8 +50,22 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
     if not train:
         return None
     eval_keys = [k for k in (evals[0] if evals else {}) if k not in ("step", "split", "seq_len")]
-    fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4.5 * (1 + len(eval_keys)), 3.5))
+    stats = sorted({k.split(".", 1)[1] for k in train[-1] if k.startswith("mem") and "." in k})
+    panels = 1 + len(eval_keys) + len(stats)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5))
     axes = axes if hasattr(axes, "__len__") else [axes]
+    for ax, stat in zip(axes[1 + len(eval_keys):], stats):
+        layers = sorted({k.split(".", 1)[0] for k in train[-1] if k.endswith("." + stat)}, key=lambda s: int(s[3:]))
+        values = []
+        for layer in layers:
+            key = f"{layer}.{stat}"
+            pts = [(r["step"], r[key]) for r in train if key in r]
+            values += [v for _, v in pts]
+            ax.plot(*zip(*pts), lw=1, label=f"layer {layer[3:]}")
+        ax.set(xlabel="step", ylabel=stat, title=f"memory {stat}")
+        if values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
     axes[0].set(xlabel="step", ylabel="train loss (nats/token)", title=title or "training loss")
     for ax, key in zip(axes[1:], eval_keys):

@@ -25,16 +25,28 @@ def _x(b: int = 2, t: int = 13, seed: int = 0) -> torch.Tensor:
 
 # -- literal pieces of the Titans memory (the `titans` mixer's projections, spelled out) ----
 def _project(mem, z: torch.Tensor):
-    """q, k, v (B, T, H, K) and the gates of a whole stream z from a zero conv state."""
-    qkv = mem.qkv(z)  # (B, T, 3D)
+    """q, k, v (B, T, H, K) and the gates of a whole stream z from a zero conv state:
+    SiLU(conv(.)) on q, k (and on v with value_path=silu_conv, else v = z W_v), L2 q, k."""
+    cfg = mem.config
+    q, k, v = mem.qkv(z).chunk(3, dim=-1)  # (B, T, D) each
+    mixed = torch.cat([q, k, v] if cfg.value_path == "silu_conv" else [q, k], -1)
     if mem.conv is not None:
-        w = mem.conv.conv.weight  # (3D, 1, k)
-        padded = F.pad(rearrange(qkv, "b t c -> b c t"), (w.shape[-1] - 1, 0))
-        qkv = rearrange(F.conv1d(padded, w, groups=w.shape[0]), "b c t -> b t c")
-    qkv = F.silu(qkv)
-    q, k, v = rearrange(qkv, "b t (g h d) -> g b t h d", g=3, h=mem.n_heads)  # (B, T, H, K)
+        w = mem.conv.conv.weight  # (C, 1, k)
+        padded = F.pad(rearrange(mixed, "b t c -> b c t"), (w.shape[-1] - 1, 0))
+        mixed = rearrange(F.conv1d(padded, w, groups=w.shape[0]), "b c t -> b t c")
+    parts = F.silu(mixed).chunk(3 if cfg.value_path == "silu_conv" else 2, dim=-1)
+    q, k, v = (rearrange(a, "b t (h d) -> b t h d", h=mem.n_heads) for a in (*parts[:2], parts[2] if len(parts) == 3 else v))
+    if cfg.qk_norm == "l2":
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     theta, eta, alpha = mem._gates(z)
-    return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, theta, eta, alpha
+    return q, k, v, theta, eta, alpha
+
+
+def _options(mem) -> dict:
+    """The memory's settings as the naive loop and memory_read take them."""
+    cfg = mem.config
+    ln = (mem.ln_weight, mem.ln_bias) if cfg.memory_norm == "layernorm" else None
+    return dict(activation=cfg.activation, residual=cfg.residual, bias=cfg.bias, ln=ln)
 
 
 def _head(mem, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -70,11 +82,12 @@ def literal_mac(mac, x: torch.Tensor, *, write_first: bool = False) -> torch.Ten
             _, k, v, th, et, al = (z[:, lo:lo + n] for z in _project(mem, x))
             _, state_w = titans_memory_naive(q_read[:, lo:lo + n], k, v, th, et, al, None,
                                              chunk_size=cfg.chunk_size, initial_state=state,
-                                             output_final_state=True)
+                                             output_final_state=True, max_grad_norm=cfg.max_grad_norm,
+                                             **_options(mem))
             weights = state_w.weights
         else:
             weights = state.weights  # M_{s-1}: the memory before this segment
-        h = _head(mem, memory_read(weights, q_read[:, lo:lo + n]), seg)  # (B, n, D)
+        h = _head(mem, memory_read(weights, q_read[:, lo:lo + n], **_options(mem)), seg)  # (B, n, D)
         qx, kx, vx = rearrange(attn.qkv(seg), "b t (g h k) -> g b t h k", g=3, h=attn.n_heads)
         _, kh, vh = rearrange(attn.qkv(h), "b t (g h k) -> g b t h k", g=3, h=attn.n_heads)
         qx, kx, kh = attn.rotary(qx), attn.rotary(kx), attn.rotary(kh)  # positions inside the segment
@@ -94,7 +107,8 @@ def literal_mac(mac, x: torch.Tensor, *, write_first: bool = False) -> torch.Ten
         # write y: the projections of the whole y stream so far, the new segment's part
         q, k, v, th, et, al = (z[:, lo:lo + n] for z in _project(mem, torch.cat(ys, 1)))
         o, state = titans_memory_naive(q, k, v, th, et, al, None, chunk_size=cfg.chunk_size,
-                                       initial_state=state, output_final_state=True)
+                                       initial_state=state, output_final_state=True,
+                                       max_grad_norm=cfg.max_grad_norm, **_options(mem))
         m = _head(mem, o, y)
         outs.append(mac.norm_attn(y) * torch.sigmoid(mac.norm_memory(m)))
     return torch.cat(outs, 1)
@@ -104,6 +118,10 @@ def literal_mac(mac, x: torch.Tensor, *, write_first: bool = False) -> torch.Ten
     dict(n_heads=2, segment_len=4, n_persistent=2, memory=MEMORY),
     dict(n_heads=1, segment_len=6, n_persistent=0, memory={**MEMORY, "chunk_size": 3, "depth": 1}),
     dict(n_heads=2, segment_len=4, n_persistent=3, memory={**MEMORY, "chunk_size": 2, "conv": False}),
+    # the paper's value path, no L2 norm, a LayerNorm + residual inner model, a binding grad clip
+    dict(n_heads=2, segment_len=4, n_persistent=1, memory={**MEMORY, "value_path": "silu_conv", "qk_norm": "none",
+                                                           "memory_norm": "layernorm", "residual": True,
+                                                           "max_grad_norm": 0.3}),
 ])
 def test_mac_equals_literal_read_before_write(params):
     mac = build_mixer("titans_mac", params)

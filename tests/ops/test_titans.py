@@ -50,6 +50,10 @@ options = st.sampled_from([
     dict(bias=True),
     dict(residual=True, bias=True, ln=True),
     dict(activation="gelu_tanh", ln=True),
+    # the soft gradient clip, at norms where it binds (random v: ||u|| ~ 4)
+    dict(max_grad_norm=1.0),
+    dict(bias=True, max_grad_norm=0.5, activation="gelu"),
+    dict(residual=True, bias=True, ln=True, max_grad_norm=0.7),
 ])
 
 
@@ -262,3 +266,45 @@ def test_activation_derivatives_match_autograd():
         assert_close(act.grad(z.detach()), d1.detach(), F64, f"{name}: f' (differentiable)")
         assert_close(act.backward(g, z.detach()), g * d1.detach(), F64, f"{name}: f'")
         assert_close(act.grad2(z.detach()), d2, F64, f"{name}: f''")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+@pytest.mark.parametrize("opts", [dict(), dict(bias=True, activation="gelu"), dict(residual=True, bias=True, ln=True)],
+                         ids=["plain", "bias-gelu", "ln-residual"])
+def test_soft_gradient_clip_equals_naive(chunk, opts):
+    """The soft clip u -> u / sqrt(1 + ||u||^2 / G^2) of every token's gradient, at a G where it
+    binds: the chunked op (outputs, state, all gradients through the hand-written backward)
+    equals the per-token autograd loop that clips the gradient tensors themselves."""
+    opts = resolve({**opts, "max_grad_norm": 0.8}, 2, 4, chunk)
+    args = make_inputs(40 + chunk, b=1, t=13, depth=2, bias=opts.get("bias", False))
+    leaves = [*args[:6], *args[6], *(opts["ln"] if "ln" in opts else ())]
+    for x in leaves:
+        x.requires_grad_()
+    w = torch.randn(1, 13, 2, 4, generator=torch.Generator().manual_seed(chunk), dtype=F64)
+    outs, grads = [], []
+    for fn in (titans_memory, titans_memory_naive):
+        o, s = fn(*args, chunk_size=chunk, output_final_state=True, **opts)
+        outs.append((o, s))
+        loss = (o * w).sum() + sum((x * x).sum() for x in (*s.weights, *s.momentum))
+        grads.append(torch.autograd.grad(loss, leaves))
+    assert_close(outs[0][0], outs[1][0], F64)
+    assert_states_close(outs[0][1], outs[1][1])
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert_close(a, b, F64, f"leaf {i}")
+    # the clip changed the result (it binds at this G)
+    o_free, _ = titans_memory(*args, chunk_size=chunk, **{k: v for k, v in opts.items() if k != "max_grad_norm"})
+    assert (o_free - outs[0][0]).abs().max() > 1e-2
+
+
+def test_soft_clip_bounds_every_written_gradient():
+    """||s_i u_i|| < G for every token, whatever the error's size (v scaled by 1e6)."""
+    from seqzoo.ops.titans_chunk import Options, grad_norm_sq, key_pass
+
+    q, k, v, *_ , weights = make_inputs(9, t=12, depth=2, bias=True)
+    kh, vh = (x.transpose(1, 2) for x in (k, v))  # (B, H, T, d)
+    for scale in (1.0, 1e3, 1e6):
+        kp = key_pass(kh, vh * scale, weights, Options(bias=True, max_grad_norm=0.5), None)
+        written = grad_norm_sq(kp.inputs, kp.deltas).sqrt()
+        assert (written < 0.5).all()
+        raw = grad_norm_sq(kp.inputs, kp.raw).sqrt()
+        assert torch.allclose(written, raw / torch.sqrt(1 + raw ** 2 / 0.25))
