@@ -6,6 +6,7 @@ per-architecture model files. Decoding state is a tuple with one entry per layer
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +80,21 @@ class LanguageModel(nn.Module):
             logits, state = self.step(nxt, state)
             nxt = sample_next(logits, temperature, top_k, generator)
         return torch.cat(out, 1)
+
+    # -- saving and loading (safetensors + JSON; see seqzoo.pretrained) ----------------------
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write config.json, model.safetensors (and a tokenizer for text models) into
+        ``out_dir``; ``transformers.AutoModelForCausalLM`` reads it too (``import seqzoo.hf``)."""
+        from seqzoo.pretrained import save_pretrained
+
+        return save_pretrained(self, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "LanguageModel":
+        """The model a ``save_pretrained`` directory holds, in eval mode; no code is executed."""
+        from seqzoo.pretrained import from_pretrained
+
+        return from_pretrained(path, device=device)
 
     # -- introspection ------------------------------------------------------------------
     def num_params(self, *, exclude_embeddings: bool = False) -> int:
