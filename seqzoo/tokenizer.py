@@ -115,9 +115,10 @@ def save_for_transformers(tok: "Tokenizer", out_dir: Path, *, model_max_length: 
     (a ``PreTrainedTokenizerFast``) works; no code is involved."""
     out_dir = Path(out_dir)
     tok.save(str(out_dir / "tokenizer.json"))
+    # The document separator doubles as BOS / EOS (tools such as lm-eval need one): <|endoftext|>,
+    # or for the byte vocabulary the newline the byte corpora are joined with.
+    sep = tok.id_to_token(separator_ids(tok)[0])
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-              "clean_up_tokenization_spaces": False}
-    if tok.token_to_id(EOS) is not None:
-        config.update(eos_token=EOS, bos_token=EOS, unk_token=EOS)
+              "clean_up_tokenization_spaces": False, "eos_token": sep, "bos_token": sep}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return [out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"]

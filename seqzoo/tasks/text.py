@@ -164,10 +164,12 @@ class TextLM(Task):
                               f"file or `path:`") from None
 
     def _build(self, path: Path, key: dict[str, Any]) -> None:
-        from seqzoo.tokenizer import separator_ids
+        from seqzoo.tokenizer import EOS, separator_ids
 
         dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
         sep = separator_ids(self.tokenizer)
+        # A newline separator is text (one byte); <|endoftext|> is not, so it adds no bytes.
+        sep_bytes = 0 if self.tokenizer.token_to_id(EOS) is not None else len(self.tokenizer.decode(sep).encode())
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -178,9 +180,9 @@ class TextLM(Task):
             for doc in self._documents():
                 batch.append(doc)
                 if len(batch) == _BATCH_DOCS:
-                    self._write(batch, files, counts, sep, dtype)
+                    self._write(batch, files, counts, sep, sep_bytes, dtype)
                     batch = []
-            self._write(batch, files, counts, sep, dtype)
+            self._write(batch, files, counts, sep, sep_bytes, dtype)
         finally:
             for f in files.values():
                 f.close()
@@ -199,7 +201,7 @@ class TextLM(Task):
                 raise
 
     def _write(self, batch: list[tuple[bool, str]], files: dict[str, Any], counts: dict[str, dict[str, int]],
-               sep: list[int], dtype: type) -> None:
+               sep: list[int], sep_bytes: int, dtype: type) -> None:
         if not batch:
             return
         for (is_eval, text), enc in zip(batch, self.tokenizer.encode_batch([t for _, t in batch])):
@@ -207,7 +209,7 @@ class TextLM(Task):
             ids = np.asarray(enc.ids + sep, dtype=dtype)
             ids.tofile(files[split])
             counts[split]["tokens"] += ids.size
-            counts[split]["bytes"] += len(text.encode())
+            counts[split]["bytes"] += len(text.encode()) + sep_bytes
 
     @cached_property
     def meta(self) -> dict[str, Any]:
