@@ -92,11 +92,33 @@ def _gpt2_file(key: str) -> str:
     except ImportError:
         raise SeqzooError(f"{key}: 'gpt2' needs huggingface_hub; pip install 'seqzoo[text]'") from None
     try:
+        return hf_hub_download(GPT2_REPO, "tokenizer.json", local_files_only=True)  # the hub cache first
+    except Exception:  # noqa: BLE001 - not cached: try the network below
+        pass
+    hint = "without network give a tokenizer.json path instead (train one offline with `seqzoo tokenizer train`)"
+    if not _hub_reachable():  # fail at once rather than after the hub client's retries
+        raise SeqzooError(f"{key}: 'gpt2' is not in the Hugging Face cache and the hub is unreachable; {hint}")
+    try:
         return hf_hub_download(GPT2_REPO, "tokenizer.json")
-    except Exception as err:  # offline, no cached copy, or the hub unreachable
-        raise SeqzooError(f"{key}: 'gpt2' could not be fetched from the Hugging Face hub and is not cached "
-                          f"({type(err).__name__}); without network give a tokenizer.json path instead "
-                          f"(train one offline with `seqzoo tokenizer train`)") from None
+    except Exception as err:  # offline mode, the repo moved, no access
+        raise SeqzooError(f"{key}: 'gpt2' could not be fetched from the Hugging Face hub "
+                          f"({type(err).__name__}); {hint}") from None
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def fingerprint(tok: "Tokenizer") -> str:

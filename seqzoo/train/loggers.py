@@ -85,8 +85,8 @@ class TensorBoardLogger:
         if start_step == 0:  # a fresh run: no curves of an earlier run under the same tags
             shutil.rmtree(log_dir, ignore_errors=True)
         # purge_step: TensorBoard drops events at or after it from earlier files, i.e. the
-        # steps a killed run logged after its last checkpoint.
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step or None)
+        # steps a killed run logged after its last checkpoint (JSONL keeps those up to it too).
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, record: Mapping[str, Any]) -> None:
         split = record.get("split", "train")
