@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import seqzoo
+from seqzoo.cli import main
 from seqzoo.errors import CheckpointError, RecipeError
 from seqzoo.models.lm import LanguageModel
 from seqzoo.train.loop import train
@@ -32,6 +33,8 @@ def test_load_run_gives_the_trained_model_recipe_step_and_task(tmp_path):
     assert torch.equal(run.model(x)[0], result.model.eval()(x)[0])
     older = seqzoo.load_run(tmp_path / "checkpoints" / "step-0000002")  # a checkpoint directory itself
     assert older.step == 2 and not torch.equal(older.model(x)[0], run.model(x)[0])
+    assert main(["export", str(tmp_path), str(tmp_path / "exported")]) == 0  # the CLI's way to the same
+    assert torch.equal(LanguageModel.from_pretrained(tmp_path / "exported")(x)[0], run.model(x)[0])
     with pytest.raises(CheckpointError, match="no such run"):
         seqzoo.load_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
