@@ -4,6 +4,7 @@
     recipe = seqzoo.load_recipe("recipes/tiny-attention.yaml")
     model = seqzoo.build_model(recipe)
     logits, state = model(tokens)            # (B, T) -> (B, T, V)
+    run = seqzoo.load_run("runs/tiny-attention")   # .model .recipe .step .task
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from seqzoo.errors import CheckpointError, RecipeError, SeqzooError
 from seqzoo.recipes import Recipe, load_recipe, recipe_from_dict
+from seqzoo.runs import LoadedRun, load_run
 
 if TYPE_CHECKING:
     from seqzoo.models.lm import LanguageModel
@@ -33,5 +35,5 @@ def build_model(recipe_or_path: Recipe | str | Path | dict) -> "LanguageModel":
     return LanguageModel(recipe)
 
 
-__all__ = ["CheckpointError", "Recipe", "RecipeError", "SeqzooError", "build_model", "load_recipe",
-           "recipe_from_dict"]
+__all__ = ["CheckpointError", "LoadedRun", "Recipe", "RecipeError", "SeqzooError", "build_model", "load_recipe",
+           "load_run", "recipe_from_dict"]

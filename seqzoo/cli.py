@@ -1,4 +1,4 @@
-"""The ``seqzoo`` command: train | eval | generate | describe | list | compare.
+"""The ``seqzoo`` command: train | eval | generate | describe | list | compare | export | tokenizer.
 
 User errors (a recipe typo, a missing file, a corrupt checkpoint) print one line naming the
 file and the key, and exit with code 2.
@@ -16,22 +16,29 @@ from seqzoo.errors import SeqzooError
 EXAMPLES = """examples:
   seqzoo train recipes/tiny-attention.yaml                 # ~3 min on a laptop CPU
   seqzoo train recipes/tiny-attention.yaml --steps 50 --out runs/try --overwrite
+  seqzoo train tiny-attention train.lr=1e-3 model.d_model=64 task.seq_len=256   # dotted overrides
   seqzoo eval runs/tiny-attention
   seqzoo generate runs/tiny-attention --prompt "def " --max-new-tokens 200
   seqzoo list --params
   seqzoo compare recipes/compare/mqar.yaml --smoke         # the whole comparison pipeline in seconds
+  seqzoo export runs/tiny-attention hf/tiny-attention      # a Hugging Face style pretrained directory
+  seqzoo tokenizer train --vocab-size 4096 --out bpe.json  # byte-level BPE on the local corpus
 """
+OVERRIDES_HELP = ("recipe values to change, KEY=VALUE with a dotted key (train.lr=1e-3 model.d_model=64 "
+                  "model.mixers.attn.window=32); values are YAML scalars, validated like the file")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqzoo", description="Compose, train and compare token mixers.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"seqzoo {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train a recipe on its task", description=
                        "Train the model a recipe describes on the recipe's task; writes metrics.jsonl, "
                        "checkpoints/ (safetensors + JSON, atomic) and curves.png into --out.")
     t.add_argument("recipe", help="recipe YAML path, or a name in ./recipes/ (e.g. tiny-attention)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     t.add_argument("--steps", type=int, help="optimiser steps (overrides train.steps)")
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides train.device; auto = cuda if present)")
     t.add_argument("--out", help="output directory (default: runs/<recipe name>)")
@@ -65,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                        "of several learning rates), evaluate at each test length, and write report.md, "
                        "results.json and PNG plots into --out. Exits with 1 if every run of some model failed.")
     c.add_argument("sweep", help="sweep YAML path (e.g. recipes/compare/mqar.yaml)")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="sweep values to change, e.g. train.steps=50 model.d_model=32 task.seq_len=128")
     c.add_argument("--smoke", action="store_true",
                    help="a seconds-long run of the whole pipeline: few steps, tiny eval (what CI runs)")
     c.add_argument("--out", help="output directory (default: runs/compare/<sweep name>[-smoke])")
@@ -75,17 +84,52 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep finished runs whose recipe is unchanged (continue an interrupted sweep)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    d = sub.add_parser("describe", help="print a recipe's layers: mixer, backend, parameters, state size")
+    d = sub.add_parser("describe", help="print the effective recipe and its layers: mixer, backend, parameters, state size")
     d.add_argument("recipe", help="recipe YAML path or name in ./recipes/")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
     lst = sub.add_parser("list", help="list registered mixers, tasks and the recipes in ./recipes/")
     lst.add_argument("--params", action="store_true", help="also build every recipe and print its parameter count")
     lst.add_argument("--recipes-dir", default="recipes", help="where to look for recipes (default ./recipes)")
+
+    x = sub.add_parser("export", help="write a run's weights as a pretrained directory (seqzoo and Hugging Face)",
+                       description="Write config.json, model.safetensors (and tokenizer.json for text models) of "
+                       "a run's latest checkpoint; load it with LanguageModel.from_pretrained or, after "
+                       "`import seqzoo.hf`, with transformers.AutoModelForCausalLM.from_pretrained.")
+    x.add_argument("run", help="run directory or checkpoint directory")
+    x.add_argument("out", help="directory to write")
+
+    tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a local corpus (offline)")
+    tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    tt = tk_sub.add_parser("train", help="train a byte-level BPE and write its tokenizer.json",
+                           description="Train a byte-level BPE (GPT-2 style, <|endoftext|> as document separator) "
+                           "on the training split of a text corpus and write tokenizer.json; use it as "
+                           "`task: {type: text, tokenizer: FILE}`.")
+    tt.add_argument("--out", required=True, help="tokenizer.json path to write")
+    tt.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
+    tt.add_argument("--min-frequency", type=int, default=2, help="merge pairs seen at least this often (default 2)")
+    tt.add_argument("--path", help="file or directory of text files (default: the Python stdlib source)")
+    tt.add_argument("--dataset", help="Hugging Face dataset name or local parquet/jsonl/csv/txt file, instead of --path")
+    tt.add_argument("--text-field", default="text", help="dataset column holding the text (default text)")
+    tt.add_argument("--max-bytes", type=int, default=16_000_000, help="text read at most (default 16 MB)")
     return p
 
 
+def _version() -> str:
+    from seqzoo import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse hands KEY=VALUE items that follow an option to `extra`; they are overrides too.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.command](args)
     except SeqzooError as err:
@@ -100,7 +144,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from seqzoo.recipes import load_recipe
     from seqzoo.train.loop import train
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
     result = train(recipe, out_dir=args.out, steps=args.steps, device=args.device, resume=args.resume,
                    overwrite=args.overwrite, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
@@ -119,56 +163,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run: str, device: str):
-    """(model, recipe, checkpoint path) from a run or checkpoint directory; no code executed."""
-    from seqzoo.errors import CheckpointError
-    from seqzoo.models.lm import LanguageModel
-    from seqzoo.recipes import recipe_from_dict
-    from seqzoo.train import checkpoint as ckpt
-    from seqzoo.train.loop import resolve_device
-
-    path = Path(run)
-    if not path.exists():
-        raise CheckpointError(str(path), "no such run or checkpoint directory")
-    target = path if (path / "state.json").exists() else ckpt.latest_checkpoint(path)
-    if target is None:
-        raise CheckpointError(str(path), "holds no checkpoint (expected checkpoints/latest.json or state.json)")
-    state = ckpt.read_state(target)
-    if "recipe" not in state:
-        raise CheckpointError(str(target / "state.json"), "no recipe stored", key="recipe")
-    recipe = recipe_from_dict(state["recipe"], path=str(target / "state.json"))
-    dev = resolve_device(device)
-    model = LanguageModel(recipe)
-    ckpt.load_model_weights(target, model)
-    return model.to(dev).eval(), recipe, target, dev
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from seqzoo.tasks import build_task
+    from seqzoo.runs import load_run
     from seqzoo.train.evaluate import evaluate
 
-    model, recipe, target, dev = _load_run(args.run, args.device)
-    task = build_task(recipe.task)
-    metrics = evaluate(model, task, n_batches=args.batches, batch_size=args.batch_size, device=dev,
+    run = load_run(args.run, device=args.device)
+    metrics = evaluate(run.model, run.task, n_batches=args.batches, batch_size=args.batch_size, device=run.device,
                        seq_len=args.seq_len)
-    print(f"{target}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"{run.checkpoint}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from seqzoo.tasks import build_task
+    from seqzoo.runs import load_run
 
-    model, recipe, _, dev = _load_run(args.run, args.device)
-    if build_task(recipe.task).name != "bytes":
-        raise SeqzooError(f"generate: the recipe's task is {recipe.task.get('type')!r}; text generation needs a byte-level (bytes) model")
-    ids = torch.tensor(list(args.prompt.encode()), device=dev)[None]
+    run = load_run(args.run, device=args.device)
+    if not hasattr(run.task, "decode"):
+        raise SeqzooError(f"generate: the recipe's task is {run.recipe.task.get('type')!r}; text generation "
+                          f"needs a text model (task bytes or text)")
+    ids = torch.tensor(run.task.encode(args.prompt), device=run.device, dtype=torch.long)[None]
     if ids.shape[1] == 0:
         raise SeqzooError("--prompt: expected at least one character")
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
-    print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+    gen = torch.Generator(device=run.device).manual_seed(args.seed)
+    out = run.model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             generator=gen)
+    print(run.task.decode(out[0].tolist()))
     return 0
 
 
@@ -176,7 +197,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from seqzoo.compare import run_sweep
 
     result = run_sweep(args.sweep, out_dir=args.out, smoke=args.smoke, device=args.device,
-                       progress=not args.no_progress, jobs=args.jobs, reuse=args.reuse)
+                       progress=not args.no_progress, jobs=args.jobs, reuse=args.reuse, overrides=args.overrides)
     print(f"\n{result.table}\n")
     print(f"report: {result.report}")
     for plot in result.plots:
@@ -190,8 +211,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_describe(args: argparse.Namespace) -> int:
     import seqzoo
+    from seqzoo.runs import recipe_yaml
 
-    print(seqzoo.build_model(args.recipe).describe())
+    recipe = seqzoo.load_recipe(args.recipe, overrides=args.overrides)
+    print(f"# effective recipe{' (after ' + ' '.join(args.overrides) + ')' if args.overrides else ''}")
+    print(recipe_yaml(recipe))
+    print(seqzoo.build_model(recipe).describe())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from seqzoo.runs import load_run
+
+    run = load_run(args.run)
+    out = run.model.save_pretrained(args.out)
+    print(f"{run.checkpoint} (step {run.step}) -> {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    from seqzoo.tasks import build_task
+    from seqzoo.tokenizer import train_bpe
+
+    source = {"dataset": args.dataset, "text_field": args.text_field} if args.dataset else {"path": args.path}
+    corpus = build_task({"type": "text", "tokenizer": "bytes", "max_bytes": args.max_bytes, **source})
+    tok = train_bpe(corpus.texts("train"), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out))
+    print(f"{out}: byte-level BPE, {tok.get_vocab_size():,} tokens")
     return 0
 
 
@@ -227,7 +275,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "describe": _cmd_describe,
-            "list": _cmd_list, "compare": _cmd_compare}
+            "list": _cmd_list, "compare": _cmd_compare, "export": _cmd_export, "tokenizer": _cmd_tokenizer}
 
 if __name__ == "__main__":
     sys.exit(main())

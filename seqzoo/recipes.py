@@ -16,7 +16,7 @@ looked up in registries, no dotted import paths.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -75,6 +75,8 @@ class TrainSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     sample_tokens: int = Field(200, ge=0, description="tokens generated at the end (text tasks)")
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"], description="metrics sinks; JSONL is always written")
 
     @model_validator(mode="after")
     def _accum_divides(self) -> "TrainSpec":
@@ -165,11 +167,14 @@ def resolve_recipe_path(path: str | Path) -> Path:
     raise RecipeError(str(path), "", "no such recipe file (give a path or a name in ./recipes/)")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe; every error names the file and the key."""
+def load_recipe(path: str | Path, *, overrides: Sequence[str] = ()) -> Recipe:
+    """Read and validate a YAML recipe, after the command-line ``overrides`` (``KEY=VALUE``
+    with dotted keys, see ``seqzoo.overrides``); every error names the file and the key."""
+    from seqzoo.overrides import load_with_overrides
+
     p = resolve_recipe_path(path)
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(str(p), "", f"not valid YAML: {err}") from None
-    return recipe_from_dict(data, path=str(p))
+    return load_with_overrides(data, overrides, path=str(p), validate=lambda d: recipe_from_dict(d, path=str(p)))

@@ -11,7 +11,7 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -272,17 +272,18 @@ def _run_model(job: _Job, echo: Callable[[str], None] = print) -> ModelResult:
 
 def run_sweep(path: str | Path, *, out_dir: str | Path | None = None, smoke: bool = False,
               device: str | None = None, progress: bool = True, jobs: int = 1, reuse: bool = False,
-              echo: Callable[[str], None] = print) -> CompareResult:
+              echo: Callable[[str], None] = print, overrides: Sequence[str] = ()) -> CompareResult:
     """Train and evaluate every model of the sweep at ``path``; write report.md, results.json
     and the plots into ``out_dir``. ``jobs`` > 1 trains that many models at once in worker
     processes (the numbers are the same; throughput then reflects a shared machine).
-    ``reuse`` keeps finished runs of identical recipes, so an interrupted sweep continues."""
+    ``reuse`` keeps finished runs of identical recipes, so an interrupted sweep continues;
+    ``overrides`` (``KEY=VALUE``) change the sweep file's settings (e.g. ``train.steps=50``)."""
     from seqzoo.compare.report import write_report
 
     if jobs < 1:
         raise SeqzooError(f"--jobs: expected at least 1, got {jobs}")
     path = Path(path)
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, overrides=overrides)
     recipes = build_recipes(sweep, path, smoke=smoke, device=device)  # all validated before training
     task_spec, train_spec, lrs, seq_lens = effective_settings(sweep, smoke=smoke)
     task = build_task(task_spec)

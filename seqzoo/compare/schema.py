@@ -20,7 +20,7 @@ model's vocabulary is the task's, unless an entry overrides ``model.vocab_size``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,7 +93,10 @@ class Sweep(_Strict):
         return self
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, *, overrides: Sequence[str] = ()) -> Sweep:
+    """Read and validate a sweep file after the command-line ``overrides`` (``KEY=VALUE``)."""
+    from seqzoo.overrides import load_with_overrides
+
     p = Path(path)
     if not p.exists():
         raise RecipeError(str(p), "", "no such sweep file")
@@ -103,7 +106,11 @@ def load_sweep(path: str | Path) -> Sweep:
         raise RecipeError(str(p), "", f"not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(str(p), "", "expected a mapping at the top level")
-    try:
-        return Sweep(**data)
-    except ValidationError as err:
-        raise _pydantic_error(str(p), err) from None
+
+    def validate(d: dict[str, Any]) -> Sweep:
+        try:
+            return Sweep(**d)
+        except ValidationError as err:
+            raise _pydantic_error(str(p), err) from None
+
+    return load_with_overrides(data, overrides, path=str(p), validate=validate)

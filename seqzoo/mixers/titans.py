@@ -161,7 +161,7 @@ class Titans(TokenMixer):
         self.gate_proj = nn.Linear(d_model, d_model, bias=False)
         self.norm = GatedRMSNorm(k)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        self.telemetry: dict[str, Tensor] = {}  # gate and weight statistics of the last training call
+        self._telemetry: dict[str, Tensor] = {}  # gate and weight statistics of the last training call
 
     # -- the memory's options, as the op takes them -----------------------------------------
     @property
@@ -238,8 +238,13 @@ class Titans(TokenMixer):
         a key for a matrix memory, before the soft clip), the mean gates, and the memory's
         weight norm (all layers, per head, averaged) after the call."""
         norm = torch.stack([w.float().pow(2).sum((-2, -1)) for w in memory.weights]).sum(0).sqrt()  # (B, H)
-        self.telemetry = {"write": (2 * theta * k.pow(2).sum(-1)).mean(), "lr": theta.mean(), "eta": eta.mean(),
-                          "alpha": alpha.mean(), "weight_norm": norm.mean()}
+        self._telemetry = {"write": (2 * theta * k.pow(2).sum(-1)).mean(), "theta": theta.mean(), "eta": eta.mean(),
+                           "alpha": alpha.mean(), "weight_norm": norm.mean()}
+
+    def telemetry(self) -> dict[str, float]:
+        """The statistics of the last training call (``seqzoo.train.loggers.module_telemetry``
+        logs them as ``<module name>/<key>``: write, theta, eta, alpha, weight_norm)."""
+        return {key: float(value) for key, value in self._telemetry.items()}
 
     def gate_ranges(self) -> str:
         """A one-line summary of the parameterisation, for ``describe``."""

@@ -6,6 +6,7 @@ per-architecture model files. Decoding state is a tuple with one entry per layer
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,21 +81,25 @@ class LanguageModel(nn.Module):
             nxt = sample_next(logits, temperature, top_k, generator)
         return torch.cat(out, 1)
 
+    # -- saving and loading (safetensors + JSON; see seqzoo.pretrained) ----------------------
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write config.json, model.safetensors (and a tokenizer for text models) into
+        ``out_dir``; ``transformers.AutoModelForCausalLM`` reads it too (``import seqzoo.hf``)."""
+        from seqzoo.pretrained import save_pretrained
+
+        return save_pretrained(self, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "LanguageModel":
+        """The model a ``save_pretrained`` directory holds, in eval mode; no code is executed."""
+        from seqzoo.pretrained import from_pretrained
+
+        return from_pretrained(path, device=device)
+
     # -- introspection ------------------------------------------------------------------
     def num_params(self, *, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embeddings else n
-
-    def telemetry(self) -> dict[str, float]:
-        """Inner-loop statistics of the last training forward, per layer: every module of a
-        layer's mixer that keeps a ``telemetry`` dict (the Titans memory, also inside the
-        hybrids) reports under ``mem<layer>.<name>`` (e.g. ``mem0.write``)."""
-        out: dict[str, float] = {}
-        for i, block in enumerate(self.blocks):
-            for module in block.mixer.modules():
-                for name, value in (getattr(module, "telemetry", None) or {}).items():
-                    out[f"mem{i}.{name}"] = float(value)
-        return out
 
     def describe(self) -> str:
         """A markdown table of the layers: mixer, backend, parameters, state size; then the

@@ -46,27 +46,19 @@ class ByteLM(Task):
     def vocab_size(self) -> int:
         return 256
 
-    def _files(self) -> list[Path]:
-        root = Path(self.config.path).expanduser() if self.config.path else default_corpus()
-        if not root.exists():
-            raise SeqzooError(f"task.path: {root} does not exist; expected a file or directory of text files")
-        if root.is_file():
-            return [root]
-        files = sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-        if not files:
-            raise SeqzooError(f"task.path: no {'/'.join(SUFFIXES)} files under {root}")
-        return files
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
 
     @cached_property
     def splits(self) -> dict[str, Tensor]:
-        files = self._files()
-        random.Random(self.config.seed).shuffle(files)  # the byte cap then samples all dirs
-        root = Path(self.config.path or default_corpus())
+        root, files = corpus_files(self.config.path, seed=self.config.seed)
         held_out, train = [], []
         budget = {"train": self.config.max_bytes, "eval": max(1024, self.config.max_bytes // 10)}
         for f in files:
-            rel = str(f.relative_to(root)) if f != root else f.name
-            is_eval = zlib.crc32(rel.encode()) % 10_000 < self.config.eval_percent * 100
+            is_eval = held_out_file(root, f, self.config.eval_percent)
             if len(files) == 1:  # a single file: hold out its tail instead
                 data = f.read_bytes()
                 cut = int(len(data) * (1 - self.config.eval_percent / 100))
@@ -97,6 +89,29 @@ class ByteLM(Task):
 
     def report(self, loss: float, accuracy: float) -> dict[str, float]:
         return {"bpb": loss / math.log(2), "loss": loss, "accuracy": accuracy}
+
+
+def corpus_files(path: str | None, *, seed: int) -> tuple[Path, list[Path]]:
+    """(root, its text files in a seeded random order, so a byte cap samples every directory)."""
+    root = Path(path).expanduser() if path else default_corpus()
+    if not root.exists():
+        raise SeqzooError(f"task.path: {root} does not exist; expected a file or directory of text files")
+    if root.is_file():
+        return root, [root]
+    files = sorted(p for p in root.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+    if not files:
+        raise SeqzooError(f"task.path: no {'/'.join(SUFFIXES)} files under {root}")
+    random.Random(seed).shuffle(files)
+    return root, files
+
+
+def held_out(name: str, eval_percent: float) -> bool:
+    """The split of a document by a stable hash of its name: held out iff True."""
+    return zlib.crc32(name.encode()) % 10_000 < eval_percent * 100
+
+
+def held_out_file(root: Path, file: Path, eval_percent: float) -> bool:
+    return held_out(str(file.relative_to(root)) if file != root else file.name, eval_percent)
 
 
 def _as_tensor(data: bytes) -> Tensor:

@@ -144,7 +144,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
     path = Path(ckpt) / "model.safetensors"
-    weights = _load_tensors(path)
+    assign_weights(model, _load_tensors(path), source=path)
+
+
+def assign_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source: Path) -> None:
+    """Load ``weights`` into ``model`` after checking names and shapes; errors name ``source``."""
+    path = Path(source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

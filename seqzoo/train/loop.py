@@ -29,10 +29,12 @@ from tqdm.auto import tqdm
 from seqzoo.errors import SeqzooError
 from seqzoo.models.lm import LanguageModel
 from seqzoo.recipes import Recipe
+from seqzoo.runs import write_run_recipe
 from seqzoo.tasks import IGNORE, build_task
 from seqzoo.train import checkpoint as ckpt
 from seqzoo.train import distributed as dist
 from seqzoo.train.evaluate import evaluate, token_loss
+from seqzoo.train.loggers import build_loggers, module_telemetry
 from seqzoo.train.metrics_log import MetricsLog, plot_curves
 from seqzoo.train.optim import build_optimizer, lr_at
 
@@ -203,6 +205,7 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
         existing = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        write_run_recipe(out, recipe)
     dist.barrier(info)
 
     if dev.type == "cuda":
@@ -233,6 +236,8 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
     elif log is not None:
         log.truncate_after(-1)  # a fresh start: drop records a run killed before its first checkpoint left
 
+    logger = build_loggers(spec.log, jsonl=log, out_dir=out, start_step=start, name=recipe.name,
+                           config=recipe.model_dump(mode="json")) if log is not None else None
     autocast = _autocast(spec.precision, dev)
     eval_bs = spec.eval_batch_size or spec.batch_size
     micro = local_batch // spec.grad_accum
@@ -242,8 +247,8 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
         # Every rank evaluates the same fixed set (FSDP needs every rank in each forward).
         metrics = evaluate(model, task, n_batches=spec.eval_batches, batch_size=eval_bs, device=dev,
                            autocast=autocast)
-        if log is not None:
-            log.append({"step": step, "split": "eval", **metrics})
+        if logger is not None:
+            logger.log({"step": step, "split": "eval", **metrics})
         return metrics
 
     def save(step: int, last_eval: dict[str, float]) -> None:
@@ -300,9 +305,10 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
         if done % spec.log_every == 0 or done == spec.steps:
             elapsed = time.perf_counter() - t0
             record = {"step": done, "split": "train", "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / max(elapsed, 1e-9), **model.telemetry()}
-            if log is not None:
-                log.append(record)
+                      "tokens_per_s": tokens / max(elapsed, 1e-9), "memory_mb": _memory_so_far_mb(dev, rss),
+                      **module_telemetry(model)}
+            if logger is not None:
+                logger.log(record)
             bar.set_postfix(loss=f"{loss_total:.3f}", refresh=False)
             if on_step is not None:
                 on_step(done, record)
@@ -313,11 +319,13 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
         if done % spec.ckpt_every == 0 or done == spec.steps:
             save(done, last_eval)
     bar.close()
+    if logger is not None:
+        logger.close()
     wall = time.perf_counter() - t0
     growth = rss.stop() if rss is not None else torch.cuda.max_memory_allocated(dev) / 2**20
     curves = plot_curves(log.records(), out / "curves.png", title=recipe.name) if log is not None and plot else None
     sample = None
-    if main and not fsdp and task.name == "bytes" and spec.sample_tokens:
+    if main and not fsdp and hasattr(task, "decode") and spec.sample_tokens:
         sample = sample_text(model, task, spec.sample_tokens, dev)
     return TrainResult(out_dir=out, steps=spec.steps, final_eval=last_eval, first_eval=first_eval,
                        wall_time_s=wall, tokens_per_s=tokens / max(wall, 1e-9),
@@ -336,8 +344,16 @@ def _diverged(what: str, step: int, out: Path) -> None:
 
 
 def sample_text(model: LanguageModel, task, n_tokens: int, device: torch.device, *,
-                prompt: bytes = b"def ", temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+                prompt: str = "def ", temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+    """Text a text task's model (one with ``task.encode`` / ``task.decode``) writes after ``prompt``."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor(list(prompt), device=device)[None]
+    ids = torch.tensor(task.encode(prompt), device=device)[None]
     out = model.generate(ids, n_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    return task.decode(out[0].tolist())
+
+
+def _memory_so_far_mb(device: torch.device, rss: _RSSPeak | None) -> float:
+    """Peak memory so far: CUDA's peak allocation, or the sampled peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return max(rss.peak, rss._rss()) if rss is not None else float("nan")

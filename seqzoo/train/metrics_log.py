@@ -37,9 +37,9 @@ class MetricsLog:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -> Path | None:
-    """Training loss, every eval metric and, for models with a Titans memory, its telemetry
-    (``mem<layer>.<name>``: one panel per statistic, a line per layer) against the step;
-    returns the PNG path."""
+    """Training loss, every eval metric and the model's telemetry (``<module>/<stat>``
+    records, e.g. ``blocks.0.mixer/write`` of a Titans memory: one panel per statistic, a
+    line per module) against the step; returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,19 +50,22 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
     if not train:
         return None
     eval_keys = [k for k in (evals[0] if evals else {}) if k not in ("step", "split", "seq_len")]
-    stats = sorted({k.split(".", 1)[1] for k in train[-1] if k.startswith("mem") and "." in k})
-    panels = 1 + len(eval_keys) + len(stats)
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5))
-    axes = axes if hasattr(axes, "__len__") else [axes]
-    for ax, stat in zip(axes[1 + len(eval_keys):], stats):
-        layers = sorted({k.split(".", 1)[0] for k in train[-1] if k.endswith("." + stat)}, key=lambda s: int(s[3:]))
-        values = []
-        for layer in layers:
-            key = f"{layer}.{stat}"
+    stats = sorted({k.rsplit("/", 1)[1] for k in train[-1] if "/" in k})
+    cols = max(1 + len(eval_keys), len(stats))
+    fig, grid = plt.subplots(2 if stats else 1, cols, figsize=(4.5 * cols, 3.5 * (2 if stats else 1)), squeeze=False)
+    axes = list(grid[0])
+    for ax in axes[1 + len(eval_keys):]:
+        ax.axis("off")
+    for i, ax in enumerate(grid[1] if stats else []):
+        if i >= len(stats):
+            ax.axis("off")
+            continue
+        stat, values = stats[i], []
+        for key in sorted(k for k in train[-1] if "/" in k and k.rsplit("/", 1)[1] == stat):
             pts = [(r["step"], r[key]) for r in train if key in r]
             values += [v for _, v in pts]
-            ax.plot(*zip(*pts), lw=1, label=f"layer {layer[3:]}")
-        ax.set(xlabel="step", ylabel=stat, title=f"memory {stat}")
+            ax.plot(*zip(*pts), lw=1, label=key.rsplit("/", 1)[0])
+        ax.set(xlabel="step", ylabel=stat, title=stat)
         if values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
