@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seqzoo import mixers
+from seqzoo.diagnostics.long_stream import stream
 from seqzoo.mixers.base import iter_tensors
 from tests.helpers import assert_close, build_mixer, scan_steps
 
@@ -78,39 +79,20 @@ def test_without_the_clip_the_same_extremes_run_away():
 FAMILY = ["titans", "titans_mac", "titans_mag", "titans_mal", "ttt_linear", "ttt_mlp"]
 
 
-def _stream(name: str, scale: float, *, calls: int = 16, length: int = 1024) -> list[float]:
-    """max|y| of each 1K call of a stream fed to a default mixer (d_model 32, fp32), and of the
-    first token; random tokens alternate with stretches of one repeated token."""
-    torch.manual_seed(0)
-    mixer = mixers.build(name, d_model=32).float().eval()
-    state = mixer.init_state(1, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
-    peaks = []
-    with torch.no_grad():
-        for call in range(calls):
-            x = torch.randn(1, length, 32, generator=g) * scale
-            if call % 4 == 3:
-                x = x[:, :1].expand(1, length, 32)
-            y, state = mixer(x, state)
-            assert torch.isfinite(y).all(), f"{name} x{scale:g}: non-finite output in call {call}"
-            if call == 0:
-                peaks.append(y[:, 0].abs().max().item())
-            peaks.append(y.abs().max().item())
-    assert all(torch.isfinite(s).all() for s in iter_tensors(state) if s.is_floating_point())
-    return peaks
-
-
 @pytest.mark.parametrize("name", FAMILY)
 def test_16k_stream_finite_at_inputs_x10(name):
-    _stream(name, 10.0)
+    """16K tokens in 1K calls (d_model 32, fp32, defaults), inputs x10: every output finite."""
+    report = stream(name, scale=10.0)
+    assert report.finite, f"{name}: non-finite output in call {report.first_bad_call}"
 
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_16k_stream_read_out_does_not_fade(name):
-    """The read-out keeps a magnitude above 1e-3 of its first token's over the stream (the
+    """At x1 the read-out keeps a magnitude above 1e-3 of its first token's over the stream (the
     forgetting gate must not collapse the memory to zero)."""
-    first, *peaks = _stream(name, 1.0)
-    assert min(peaks) > 1e-3 * first, f"{name}: max|y| fell from {first:.3g} to {min(peaks):.3g}"
+    report = stream(name, scale=1.0)
+    assert report.finite
+    assert report.lowest_ratio > 1e-3, f"{name}: max|y| fell from {report.first_token:.3g} to {min(report.peaks):.3g}"
 
 
 OPTIONS = [

@@ -1,0 +1,1 @@
+"""Checks of a mixer's behaviour beyond its maths (used by tests and benchmarks alike)."""
