@@ -60,7 +60,10 @@ class TitansConfig(MixerConfig):
     expansion: int = Field(4, ge=1, description="hidden width of the memory MLP / head dim")
     activation: str = Field("silu", description="the memory MLP's activation")
     # -- the memory's architecture ---------------------------------------------------------
-    bias: bool = Field(True, description="a bias per memory layer (trained by the inner loop too)")
+    bias: bool = Field(False, description="a bias per memory layer, trained by the inner loop too. Off by "
+                                          "default: with L2-normalised keys the bias's constant-1 input is as "
+                                          "large as a key, so every write moves it and disturbs every stored "
+                                          "association")
     memory_norm: Literal["none", "layernorm"] = Field(
         "none", description="an outer LayerNorm on the memory's output (TTT, titans-pytorch); its "
                             "affine parameters are learned by the outer loop only")
