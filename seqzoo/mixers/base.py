@@ -25,18 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from seqzoo.errors import SeqzooError
+from seqzoo.errors import ConfigError  # re-exported: mixers import it from here
 
 State = Any  # a NamedTuple / frozen dataclass of tensors (and ints), one per mixer
-
-
-class ConfigError(SeqzooError, ValueError):
-    """A hyper-parameter that cannot work. ``key`` is the dotted path of the culprit."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
 
 
 class MixerConfig(BaseModel):
