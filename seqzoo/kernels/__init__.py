@@ -76,6 +76,17 @@ def _native(name: str, device: torch.device) -> bool:
     return is_available(name, device) and all(p not in _CUDA_ONLY or device.type == "cuda" for p in parts(name))
 
 
+def computes(name: str, dtype: torch.dtype) -> bool:
+    """Whether every kernel of backend ``name`` computes in ``dtype``."""
+    return _dtype_problem(name, dtype) is None
+
+
+def interpreted(name: str, device: torch.device | str) -> bool:
+    """Whether backend ``name`` runs on ``device`` only through Triton's interpreter."""
+    device = torch.device(device)
+    return is_available(name, device) and not _native(name, device)
+
+
 def _dtype_problem(name: str, dtype: torch.dtype | None) -> str | None:
     for p in parts(name):
         if dtype is not None and p in _MODULES and dtype not in _MODULES[p][1]:

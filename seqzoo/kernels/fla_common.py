@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from seqzoo.kernels.library import state_dtype
 from seqzoo.kernels.triton_interpret import ensure_patched
 
 
@@ -24,11 +25,6 @@ def fla_function(module: str, name: str) -> Callable[..., Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Triton is not supported on current platform" under the interpreter
         return getattr(importlib.import_module(f"fla.ops.{module}"), name)
-
-
-def state_dtype(x: Tensor) -> torch.dtype:
-    """dtype of a state seqzoo's references would return for inputs like ``x``."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def initial_state_fp32(initial_state: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:

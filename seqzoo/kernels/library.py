@@ -18,6 +18,11 @@ import torch
 from torch import Tensor
 
 
+def state_dtype(x: Tensor) -> torch.dtype:
+    """dtype of a state seqzoo's references return for inputs like ``x`` (fp32 under half)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 class KernelOp:
     """``seqzoo::<name>``: ``impl(*tensors, *scalars) -> tuple of tensors`` made opaque.
 

@@ -86,10 +86,22 @@ class TokenMixer(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The backend actually used on this module's device ("reference" on CPU)."""
+        """The backend actually used on this module's device and dtype ("reference" on CPU)."""
         from seqzoo.kernels import resolve_backend
 
-        return resolve_backend(self.config.backend, self.backends, self._device())
+        return resolve_backend(self.config.backend, self.backends, self._device(), dtype=self._dtype(),
+                               limits=self.kernel_limits)
+
+    def kernel_limits(self, backend: str) -> str | None:
+        """Why ``backend`` cannot compute this mixer's configuration, or None if it can.
+        ``auto`` skips such a kernel; asking for it by name is a ConfigError."""
+        return None
+
+    def _dtype(self) -> torch.dtype | None:
+        try:
+            return self._param_like().dtype
+        except StopIteration:
+            return None
 
     def _device(self) -> torch.device:
         try:
