@@ -75,6 +75,7 @@ class TrainSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     sample_tokens: int = Field(200, ge=0, description="tokens generated at the end (text tasks)")
+    compile: bool = Field(False, description="torch.compile the model (inductor); kernels stay opaque custom ops")
 
     @model_validator(mode="after")
     def _accum_divides(self) -> "TrainSpec":

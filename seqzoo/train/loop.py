@@ -32,6 +32,7 @@ from seqzoo.recipes import Recipe
 from seqzoo.tasks import IGNORE, build_task
 from seqzoo.train import checkpoint as ckpt
 from seqzoo.train import distributed as dist
+from seqzoo.train.compile import prepare_model
 from seqzoo.train.evaluate import evaluate, token_loss
 from seqzoo.train.metrics_log import MetricsLog, plot_curves
 from seqzoo.train.optim import build_optimizer, lr_at
@@ -232,6 +233,7 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
             log.truncate_after(start)
     elif log is not None:
         log.truncate_after(-1)  # a fresh start: drop records a run killed before its first checkpoint left
+    prepare_model(model, spec, log=log, step=start)  # train.compile; the backends go into the log
 
     autocast = _autocast(spec.precision, dev)
     eval_bs = spec.eval_batch_size or spec.batch_size
