@@ -87,10 +87,7 @@ class TokenMixer(nn.Module):
     @property
     def backend(self) -> str:
         """The backend actually used on this module's device and dtype ("reference" on CPU)."""
-        from seqzoo.kernels import resolve_backend
-
-        return resolve_backend(self.config.backend, self.backends, self._device(), dtype=self._dtype(),
-                               limits=self.kernel_limits)
+        return _resolved_backend(self)
 
     def kernel_limits(self, backend: str) -> str | None:
         """Why ``backend`` cannot compute this mixer's configuration, or None if it can.
@@ -117,6 +114,16 @@ class TokenMixer(nn.Module):
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in self.config.model_dump().items())
         return f"d_model={self.d_model}, {fields}"
+
+
+@torch.compiler.assume_constant_result
+def _resolved_backend(mixer: TokenMixer) -> str:
+    """A constant for torch.compile (resolved once while tracing; no graph break on the
+    package imports of the availability check)."""
+    from seqzoo.kernels import resolve_backend
+
+    return resolve_backend(mixer.config.backend, mixer.backends, mixer._device(), dtype=mixer._dtype(),
+                           limits=mixer.kernel_limits)
 
 
 def iter_tensors(obj: Any) -> Iterator[Tensor]:
