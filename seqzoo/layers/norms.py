@@ -9,6 +9,13 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
+def l2_normalize(x: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(||x||² + eps) over the last dim: the L2 norm of q, k in DeltaNet / Gated
+    DeltaNet as their authors' release (flash-linear-attention's ``l2norm``) computes it,
+    smooth at 0 (unlike x / max(||x||, eps))."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim (Zhang & Sennrich 2019), computed in fp32 for stability."""
 

@@ -6,7 +6,8 @@ Length"): linear attention whose fast-weight state is updated by the delta rule
 
 with the parameterisation of Yang et al. 2024 (section 3.3 / their released layer):
 q, k, v from linear projections, each through a short causal depthwise conv + SiLU;
-q, k L2-normalised per head (which keeps I − β kkᵀ a contraction for β ∈ (0, 2));
+q, k L2-normalised per head, as x / sqrt(||x||² + 1e-6) like their release (which keeps
+I − β kkᵀ a contraction for β ∈ (0, 2));
 β_t = σ(x_t w_β) per head, or 2σ(x_t w_β) ∈ (0, 2) with ``allow_neg_eigval`` (negative
 eigenvalues, Grazzi et al. 2024, "Unlocking State-Tracking in Linear RNNs Through Negative
 Eigenvalues"); per-head RMSNorm on the output (optionally gated by SiLU(x W_g)), then the
@@ -27,7 +28,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
-from seqzoo.layers.norms import GatedRMSNorm, RMSNorm
+from seqzoo.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from seqzoo.kernels import parts
 from seqzoo.layers.short_conv import ShortConv
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
@@ -130,7 +131,7 @@ class DeltaNet(TokenMixer):
         q = rearrange(q, "b t (h k) -> b t h k", h=self.n_heads)  # (B, T, H, K)
         k = rearrange(k, "b t (h k) -> b t h k", h=self.n_heads)  # (B, T, H, K)
         v = rearrange(v, "b t (h v) -> b t h v", h=self.n_heads)  # (B, T, H, V)
-        return F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6), v, convs
+        return l2_normalize(q), l2_normalize(k), v, convs
 
     def _beta(self, x: Tensor) -> Tensor:
         beta = torch.sigmoid(self.b_proj(x))  # (B, T, H)
