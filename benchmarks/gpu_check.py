@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.mixers_throughput import timed  # noqa: E402
 from seqzoo import mixers  # noqa: E402
 from seqzoo.kernels import is_available  # noqa: E402
 from seqzoo.mixers.base import iter_tensors  # noqa: E402
@@ -111,20 +112,6 @@ def parity(name: str, backend: str, *, d_model: int, length: int, device: torch.
     return out
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: autotuning, allocator
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def throughput(name: str, backend: str, *, d_model: int, length: int, device: torch.device, small: bool,
                repeats: int) -> dict:
     mixer = _build(name, backend, d_model, device, small)
@@ -145,7 +132,7 @@ def throughput(name: str, backend: str, *, d_model: int, length: int, device: to
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        row[label] = length / _timed(fn, device, repeats)
+        row[label] = length / timed(fn, warmup=1, repeats=repeats, device=device)
         row[f"{label}_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
     return row
 
@@ -176,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     small = not cuda
     d_model = 32 if small else args.d_model
     lengths = args.lengths or ([64] if small else [2048, 8192] if args.quick else [2048, 4096, 8192, 16384])
-    budget = args.budget_s or (20 if small else 150 if args.quick else 420)
+    budget = args.budget_s if args.budget_s is not None else 20 if small else 150 if args.quick else 420
     names = args.mixers or mixers.available()
     start = time.perf_counter()
     print(f"device={torch.cuda.get_device_name() if cuda else 'cpu (dry run)'} torch={torch.__version__} "

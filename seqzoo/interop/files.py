@@ -93,3 +93,17 @@ def take(tensors: Mapping[str, Tensor], key: str, where: str, shape: tuple[int, 
     if shape is not None and tuple(tensor.shape) != shape:
         raise CheckpointError(where, f"has shape {tuple(tensor.shape)}, expected {shape}", key=key)
     return tensor
+
+
+def read_model(path: str | Path, config: Mapping[str, Any] | None, model_types: Mapping[str, str],
+               library: str) -> tuple[dict[str, Tensor], str, dict[str, Any], str, str]:
+    """A causal-LM checkpoint: (tensors, weights file, config, config file, seqzoo mixer of
+    its ``model_type``). ``config`` replaces the directory's config.json when given."""
+    tensors, where = read_weights(path)
+    cfg = dict(config) if config is not None else read_json(path)
+    cfg_where = str(Path(path) / "config.json") if config is None else "<config>"
+    kind = model_types.get(cfg.get("model_type"))
+    if kind is None:
+        raise CheckpointError(cfg_where, f"expected a {library} model of type {sorted(model_types)}, got "
+                                         f"{cfg.get('model_type')!r}", key="model_type")
+    return tensors, where, cfg, cfg_where, kind

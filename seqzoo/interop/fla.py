@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from seqzoo.errors import CheckpointError
-from seqzoo.interop.files import read_json, read_weights, take
-from seqzoo.interop.lm import BlockKeys, build_language_model, load_non_mixer_weights
+from seqzoo.interop.files import read_model, read_weights, take
+from seqzoo.interop.lm import BlockKeys, build_language_model, load_non_mixer_weights, refuse_unplaced
 
 # fla model_type (config.json) -> seqzoo mixer
 MODEL_TYPES = {"gated_deltanet": "gated_deltanet", "delta_net": "deltanet", "gla": "gla", "retnet": "retnet"}
@@ -202,13 +202,7 @@ def load_fla_layer(kind: str, weights: Mapping[str, Tensor] | str | Path, *,
 def load_fla_model(path: str | Path, *, config: Mapping[str, Any] | None = None, backend: str = "auto"):
     """A seqzoo ``LanguageModel`` from an fla ``*ForCausalLM`` checkpoint directory (or a
     weights file with ``config`` given: the model's config.json as a dict)."""
-    tensors, where = read_weights(path)
-    cfg = dict(config) if config is not None else read_json(path)
-    cfg_where = str(Path(path) / "config.json") if config is None else "<config>"
-    kind = MODEL_TYPES.get(cfg.get("model_type"))
-    if kind is None:
-        raise CheckpointError(cfg_where, f"expected an fla model of type {sorted(MODEL_TYPES)}, got "
-                                         f"{cfg.get('model_type')!r}", key="model_type")
+    tensors, where, cfg, cfg_where, kind = read_model(path, config, MODEL_TYPES, "fla")
     if cfg.get("attn"):
         raise CheckpointError(cfg_where, "hybrid models with attention layers are not supported", key="attn")
     n_layers = int(cfg.get("num_hidden_layers", 0))
@@ -230,12 +224,5 @@ def load_fla_model(path: str | Path, *, config: Mapping[str, Any] | None = None,
             raise layer.refuse("", f"layer {i} differs from layer 0 ({params_i} vs {params}): not supported")
         _copy(block.mixer, layer, keys)
     load_non_mixer_weights(model, tensors, FLA_MODEL_KEYS, where)
-    outside = {FLA_MODEL_KEYS.embed, FLA_MODEL_KEYS.final_norm, FLA_MODEL_KEYS.head} | {
-        k.format(i=i) for i in range(n_layers) for k in (FLA_MODEL_KEYS.mixer_norm, FLA_MODEL_KEYS.mlp_norm,
-                                                          FLA_MODEL_KEYS.mlp_gate, FLA_MODEL_KEYS.mlp_up,
-                                                          FLA_MODEL_KEYS.mlp_down)}
-    unknown = sorted(k for k in tensors if k not in outside and not any(
-        k.startswith(f"model.layers.{i}.attn.") for i in range(n_layers)))
-    if unknown:
-        raise CheckpointError(where, f"tensors seqzoo's model has no place for: {unknown[:5]}", key=unknown[0])
+    refuse_unplaced(tensors, FLA_MODEL_KEYS, n_layers=n_layers, mixer_prefix="model.layers.{i}.attn.", where=where)
     return model

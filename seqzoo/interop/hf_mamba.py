@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from seqzoo.errors import CheckpointError
-from seqzoo.interop.files import read_json, read_weights, take
-from seqzoo.interop.lm import BlockKeys, build_language_model, load_non_mixer_weights
+from seqzoo.interop.files import read_model, take
+from seqzoo.interop.lm import BlockKeys, build_language_model, load_non_mixer_weights, refuse_unplaced
 from seqzoo.interop.mamba import load_mamba_state_dict, mamba_config_from_state_dict
 from seqzoo.interop.mamba2 import CheckpointMismatchError, load_mamba2_state_dict, mamba2_config_from_state_dict
 
@@ -42,13 +42,7 @@ def load_hf_mamba(path: str | Path, *, config: Mapping[str, Any] | None = None, 
     """A seqzoo LanguageModel holding a transformers Mamba / Mamba2 causal LM. ``path``: the
     ``save_pretrained`` directory (or a weights file, with ``config`` its config.json as a
     dict). The model is fp32, like ``LanguageModel``'s default."""
-    tensors, where = read_weights(path)
-    cfg = dict(config) if config is not None else read_json(path)
-    cfg_where = str(Path(path) / "config.json") if config is None else "<config>"
-    kind = MODEL_TYPES.get(cfg.get("model_type"))
-    if kind is None:
-        raise CheckpointError(cfg_where, f"expected a transformers model of type {sorted(MODEL_TYPES)}, got "
-                                         f"{cfg.get('model_type')!r}", key="model_type")
+    tensors, where, cfg, cfg_where, kind = read_model(path, config, MODEL_TYPES, "transformers")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(cfg_where, f"{cfg['hidden_act']!r}: seqzoo's mixers use SiLU", key="hidden_act")
     n_layers = int(_config_value(cfg, "num_hidden_layers", cfg_where))
@@ -77,9 +71,5 @@ def load_hf_mamba(path: str | Path, *, config: Mapping[str, Any] | None = None, 
         except CheckpointMismatchError as err:
             raise CheckpointError(where, str(err)) from None
     load_non_mixer_weights(model, tensors, HF_KEYS, where)
-    known = {HF_KEYS.embed, HF_KEYS.final_norm, HF_KEYS.head} | {HF_KEYS.mixer_norm.format(i=i) for i in range(n_layers)}
-    unknown = sorted(k for k in tensors if k not in known and not any(
-        k.startswith(prefix.format(i=i)) for i in range(n_layers)))
-    if unknown:
-        raise CheckpointError(where, f"tensors seqzoo's model has no place for: {unknown[:5]}", key=unknown[0])
+    refuse_unplaced(tensors, HF_KEYS, n_layers=n_layers, mixer_prefix=prefix, where=where)
     return model

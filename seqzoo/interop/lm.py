@@ -75,3 +75,15 @@ def load_non_mixer_weights(model, tensors: Mapping[str, Tensor], keys: BlockKeys
     with torch.no_grad():
         for param, tensor in pairs:
             param.copy_(tensor)
+
+
+def refuse_unplaced(tensors: Mapping[str, Tensor], keys: BlockKeys, *, n_layers: int, mixer_prefix: str,
+                    where: str) -> None:
+    """A tensor neither the blocks nor a mixer took means a variant seqzoo does not model."""
+    placed = {keys.embed, keys.final_norm, keys.head}
+    per_layer = [k for k in (keys.mixer_norm, keys.mlp_norm, keys.mlp_gate, keys.mlp_up, keys.mlp_down) if k]
+    placed |= {k.format(i=i) for i in range(n_layers) for k in per_layer}
+    prefixes = tuple(mixer_prefix.format(i=i) for i in range(n_layers))
+    unknown = sorted(k for k in tensors if k not in placed and not k.startswith(prefixes))
+    if unknown:
+        raise CheckpointError(where, f"tensors seqzoo's model has no place for: {unknown[:5]}", key=unknown[0])

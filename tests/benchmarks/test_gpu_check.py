@@ -42,8 +42,8 @@ def test_dry_run_parity_fails_for_a_wrong_kernel(capsys, monkeypatch):
 
     real = attention.attend
 
-    def off_by_a_little(q, k, v, mask, *, backend):
-        o = real(q, k, v, mask, backend=backend)
+    def off_by_a_little(q, k, v, mask, *, backend, **kw):
+        o = real(q, k, v, mask, backend=backend, **kw)
         return o * (1 + 1e-3) if backend == "sdpa" else o
 
     monkeypatch.setattr(attention, "attend", off_by_a_little)
