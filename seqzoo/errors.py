@@ -10,6 +10,15 @@ class SeqzooError(Exception):
     """Base of every error seqzoo reports to a user as one clear line."""
 
 
+class ConfigError(SeqzooError, ValueError):
+    """A hyper-parameter that cannot work. ``key`` is the dotted path of the culprit."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
 class RecipeError(SeqzooError):
     def __init__(self, path: str, key: str, message: str) -> None:
         self.path, self.key, self.message = path, key, message

@@ -77,6 +77,7 @@ class TrainSpec(_Strict):
     sample_tokens: int = Field(200, ge=0, description="tokens generated at the end (text tasks)")
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["jsonl"], description="metrics sinks; JSONL is always written")
+    compile: bool = Field(False, description="torch.compile the model (inductor); kernels stay opaque custom ops")
 
     @model_validator(mode="after")
     def _accum_divides(self) -> "TrainSpec":

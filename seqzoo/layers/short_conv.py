@@ -31,12 +31,17 @@ class ShortConv(nn.Module):
     def _act(self, y: Tensor) -> Tensor:
         return F.silu(y) if self.activation == "silu" else y
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: (B, T, D) -> (B, T, D), new state (B, D, kernel_size - 1)."""
+    def forward(self, x: Tensor, state: Tensor | None = None, *, kernel: bool = False) -> tuple[Tensor, Tensor]:
+        """x: (B, T, D) -> (B, T, D), new state (B, D, kernel_size - 1). ``kernel``: run on
+        causal-conv1d's CUDA kernel (``seqzoo.kernels.causal_conv1d``), chosen by the mixer."""
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         if x.shape[1] == 0:  # nothing to mix: the window is unchanged
             return x, state
+        if kernel:
+            from seqzoo.kernels.causal_conv1d import causal_conv1d
+
+            return causal_conv1d(x, self.conv.weight, self.conv.bias, state, activation=self.activation)
         k, T = self.kernel_size, x.shape[1]
         padded = torch.cat([rearrange(state.to(x.dtype), "b d k -> b k d"), x], dim=1)  # (B, k-1+T, D)
         # y_t = sum_j w_j x_{t-(k-1)+j}: k shifted multiply-adds in the (B, T, D) layout, which

@@ -2,7 +2,8 @@
 RoPE, causal full or sliding-window attention, optional learnable persistent prefix
 (Titans paper eq. 19: N_p tokens that every position sees), KV-cache decode with a ring
 buffer of W slots for sliding windows. Backends: "sdpa" (PyTorch's fused
-scaled_dot_product_attention) and "reference" (plain softmax, readable).
+scaled_dot_product_attention; a fresh full causal call passes ``is_causal`` so that on CUDA
+it runs FlashAttention) and "reference" (plain softmax, readable).
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ class AttentionState(NamedTuple):
     pos: int   # tokens seen so far
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, backend: str) -> Tensor:
-    """q: (B, H, T, K), k, v: (B, H, S, K), mask: (T, S) bool (True = visible)."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, backend: str, causal: bool = False) -> Tensor:
+    """q: (B, H, T, K), k, v: (B, H, S, K), mask: (T, S) bool (True = visible). ``causal``:
+    the mask is exactly the square causal one, so SDPA may pick FlashAttention (on CUDA;
+    an explicit mask rules it out)."""
     if backend == "sdpa":
+        if causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.einsum("bhtk,bhsk->bhts", q, k) * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -109,7 +114,8 @@ class Attention(TokenMixer):
         if prefix is not None:
             keys, values = torch.cat([prefix[0], keys], 2), torch.cat([prefix[1], values], 2)
             mask = torch.cat([mask.new_ones(t, prefix[0].shape[2]), mask], 1)
-        o = attend(q, keys, values, mask, backend=self.backend)
+        causal = prefix is None and self.config.window is None and pos == 0  # a fresh full-attention call
+        o = attend(q, keys, values, mask, backend=self.backend, causal=causal)
         y = self.out(rearrange(o, "b h t k -> b t (h k)"))
         return y, self._new_state(state, k, v)
 

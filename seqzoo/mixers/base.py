@@ -25,18 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from seqzoo.errors import SeqzooError
+from seqzoo.errors import ConfigError  # re-exported: mixers import it from here
 
 State = Any  # a NamedTuple / frozen dataclass of tensors (and ints), one per mixer
-
-
-class ConfigError(SeqzooError, ValueError):
-    """A hyper-parameter that cannot work. ``key`` is the dotted path of the culprit."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
 
 
 class MixerConfig(BaseModel):
@@ -95,10 +86,19 @@ class TokenMixer(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The backend actually used on this module's device ("reference" on CPU)."""
-        from seqzoo.kernels import resolve_backend
+        """The backend actually used on this module's device and dtype ("reference" on CPU)."""
+        return _resolved_backend(self)
 
-        return resolve_backend(self.config.backend, self.backends, self._device())
+    def kernel_limits(self, backend: str) -> str | None:
+        """Why ``backend`` cannot compute this mixer's configuration, or None if it can.
+        ``auto`` skips such a kernel; asking for it by name is a ConfigError."""
+        return None
+
+    def _dtype(self) -> torch.dtype | None:
+        try:
+            return self._param_like().dtype
+        except StopIteration:
+            return None
 
     def _device(self) -> torch.device:
         try:
@@ -114,6 +114,16 @@ class TokenMixer(nn.Module):
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in self.config.model_dump().items())
         return f"d_model={self.d_model}, {fields}"
+
+
+@torch.compiler.assume_constant_result
+def _resolved_backend(mixer: TokenMixer) -> str:
+    """A constant for torch.compile (resolved once while tracing; no graph break on the
+    package imports of the availability check)."""
+    from seqzoo.kernels import resolve_backend
+
+    return resolve_backend(mixer.config.backend, mixer.backends, mixer._device(), dtype=mixer._dtype(),
+                           limits=mixer.kernel_limits)
 
 
 def iter_tensors(obj: Any) -> Iterator[Tensor]:

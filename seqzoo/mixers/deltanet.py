@@ -6,11 +6,16 @@ Length"): linear attention whose fast-weight state is updated by the delta rule
 
 with the parameterisation of Yang et al. 2024 (section 3.3 / their released layer):
 q, k, v from linear projections, each through a short causal depthwise conv + SiLU;
-q, k L2-normalised per head (which keeps I − β kkᵀ a contraction for β ∈ (0, 2));
+q, k L2-normalised per head, as x / sqrt(||x||² + 1e-6) like their release (which keeps
+I − β kkᵀ a contraction for β ∈ (0, 2));
 β_t = σ(x_t w_β) per head, or 2σ(x_t w_β) ∈ (0, 2) with ``allow_neg_eigval`` (negative
 eigenvalues, Grazzi et al. 2024, "Unlocking State-Tracking in Linear RNNs Through Negative
 Eigenvalues"); per-head RMSNorm on the output (optionally gated by SiLU(x W_g)), then the
 output projection. ``forward`` runs the chunked WY/UT form, ``step`` the recurrence.
+
+Backends: "fla" (flash-linear-attention's chunked gated-delta-rule kernel, decay 0 for
+DeltaNet) and "fla+causal_conv1d" (also the short convolutions on causal-conv1d's kernel);
+states pass through both, so chaining and decoding continue a kernel forward exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
-from seqzoo.layers.norms import GatedRMSNorm, RMSNorm
+from seqzoo.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
+from seqzoo.kernels import parts
 from seqzoo.layers.short_conv import ShortConv
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.delta_rule import chunk_delta_rule, delta_rule_step
@@ -69,6 +75,7 @@ class DeltaNetState(NamedTuple):
 class DeltaNet(TokenMixer):
     name = "deltanet"
     Config = DeltaNetConfig
+    backends = ("fla+causal_conv1d", "fla")
     test_space = {"n_heads": [1, 2, 4], "chunk_size": [1, 3, 8], "allow_neg_eigval": [False, True],
                   "use_gate": [False, True]}
 
@@ -102,13 +109,21 @@ class DeltaNet(TokenMixer):
         memory = torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=mem_dtype)
         return DeltaNetState(zeros(key_dim), zeros(key_dim), zeros(value_dim), memory)
 
+    def kernel_limits(self, backend: str) -> str | None:
+        from seqzoo.kernels.causal_conv1d import conv_limits
+
+        if "fla" in parts(backend) and self.head_k > 256:
+            return f"fla's delta-rule kernel takes head dims K <= 256, got {self.head_k}"
+        return conv_limits(backend, width=self.config.conv_size if self.config.use_short_conv else None)
+
     # -- pieces shared by forward and step (x: (B, T, D)) ---------------------------------
-    def _qkv(self, x: Tensor, state: DeltaNetState) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    def _qkv(self, x: Tensor, state: DeltaNetState, *,
+             conv_kernel: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.config.use_short_conv:
-            q, cq = self.q_conv(q, state.conv_q)
-            k, ck = self.k_conv(k, state.conv_k)
-            v, cv = self.v_conv(v, state.conv_v)
+            q, cq = self.q_conv(q, state.conv_q, kernel=conv_kernel)
+            k, ck = self.k_conv(k, state.conv_k, kernel=conv_kernel)
+            v, cv = self.v_conv(v, state.conv_v, kernel=conv_kernel)
             convs = (cq, ck, cv)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
@@ -116,7 +131,7 @@ class DeltaNet(TokenMixer):
         q = rearrange(q, "b t (h k) -> b t h k", h=self.n_heads)  # (B, T, H, K)
         k = rearrange(k, "b t (h k) -> b t h k", h=self.n_heads)  # (B, T, H, K)
         v = rearrange(v, "b t (h v) -> b t h v", h=self.n_heads)  # (B, T, H, V)
-        return F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6), v, convs
+        return l2_normalize(q), l2_normalize(k), v, convs
 
     def _beta(self, x: Tensor) -> Tensor:
         beta = torch.sigmoid(self.b_proj(x))  # (B, T, H)
@@ -138,9 +153,17 @@ class DeltaNet(TokenMixer):
     # -- the contract -------------------------------------------------------------------
     def forward(self, x: Tensor, state: DeltaNetState | None = None) -> tuple[Tensor, DeltaNetState]:
         state = state if state is not None else self.default_state(x)
-        q, k, v, convs = self._qkv(x, state)
-        o, memory = chunk_delta_rule(q, k, v, self._beta(x), self._log_decay(x), chunk_size=self.config.chunk_size,
-                                     initial_state=state.memory, output_final_state=True)
+        kernels = parts(self.backend)
+        q, k, v, convs = self._qkv(x, state, conv_kernel="causal_conv1d" in kernels)
+        if "fla" in kernels:
+            from seqzoo.kernels.fla_delta import fla_delta_rule
+
+            o, memory = fla_delta_rule(q, k, v, self._beta(x), self._log_decay(x), initial_state=state.memory,
+                                       output_final_state=True)
+        else:
+            o, memory = chunk_delta_rule(q, k, v, self._beta(x), self._log_decay(x),
+                                         chunk_size=self.config.chunk_size, initial_state=state.memory,
+                                         output_final_state=True)
         return self._output(o, x), DeltaNetState(*convs, memory)
 
     def step(self, x: Tensor, state: DeltaNetState) -> tuple[Tensor, DeltaNetState]:

@@ -5,15 +5,17 @@ Transformers with Hardware-Efficient Training", sec. 4.4):
     alpha_t = sigmoid(x_t W_a1 W_a2 + b_a)^(1/tau)       low-rank (16) gate, temperature tau = 16
     S_t = Diag(alpha_t) S_{t-1} + k_t^T v_t,  o_t = q_t S_t / sqrt(K)       per head
     r_t = swish(x_t W_r + b_r),  y_t = (r_t ⊙ LN(o_t)) W_O                 LN per head
+                                              (``output_norm: rms``: fla's per-head RMSNorm)
 
 The gate lives in log space: log alpha_t = logsigmoid(x_t W_a1 W_a2 + b_a) / tau, which is what
 the ops take. ``forward`` runs the chunked form (secondary chunking, paper sec. 4.3),
-``step`` the recurrence; the state is the (K, V) memory per head.
+``step`` the recurrence; the state is the (K, V) memory per head. Backend "fla":
+flash-linear-attention's chunked GLA kernel (states in and out).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
+from seqzoo.layers.norms import apply_head_norm, head_norm
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.gla import gla, gla_step
 
@@ -33,6 +36,8 @@ class GLAConfig(MixerConfig):
     gate_temperature: float = Field(16.0, gt=0, description="tau: log alpha = logsigmoid(.) / tau")
     chunk_size: int = Field(64, ge=1, description="chunk length C of the chunked form")
     norm_eps: float = Field(1e-5, gt=0)
+    output_norm: Literal["group", "rms"] = Field(
+        "group", description="per-head output norm: the paper's LayerNorm (GroupNorm), or fla's RMSNorm")
 
     def widths(self, d_model: int) -> tuple[int, int]:
         return int(round(self.expand_k * d_model)), int(round(self.expand_v * d_model))
@@ -52,7 +57,9 @@ class GLAState(NamedTuple):
 class GLA(TokenMixer):
     name = "gla"
     Config = GLAConfig
-    test_space = {"n_heads": [1, 2, 4], "chunk_size": [1, 3, 8, 32], "expand_k": [0.5, 1.0]}
+    backends = ("fla",)
+    test_space = {"n_heads": [1, 2, 4], "chunk_size": [1, 3, 8, 32], "expand_k": [0.5, 1.0],
+                  "output_norm": ["group", "rms"]}
 
     def __init__(self, config: GLAConfig, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
@@ -66,7 +73,7 @@ class GLA(TokenMixer):
         self.gate_up = nn.Linear(config.gate_low_rank, key_dim, bias=True)  # W_a2, b_a
         self.r_proj = nn.Linear(d_model, value_dim, bias=True)  # W_r, b_r
         self.out = nn.Linear(value_dim, d_model, bias=False)
-        self.norm = nn.GroupNorm(config.n_heads, value_dim, eps=config.norm_eps)
+        self.norm = head_norm(config.n_heads, self.head_v, kind=config.output_norm, eps=config.norm_eps)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> GLAState:
         return GLAState(torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=dtype))
@@ -82,17 +89,19 @@ class GLA(TokenMixer):
         return q, k, v, g
 
     def _output(self, o: Tensor, x: Tensor) -> Tensor:
-        """o: (B, T, H, V) -> per-head LayerNorm, swish gate r, out projection -> (B, T, D)."""
-        b = o.shape[0]
-        flat = rearrange(o, "b t h v -> (b t) (h v)")  # (B*T, H*V): one norm group per head
-        y = rearrange(self.norm(flat), "(b t) c -> b t c", b=b)  # (B, T, H*V)
-        return self.out(F.silu(self.r_proj(x)) * y)
+        """o: (B, T, H, V) -> per-head norm, swish gate r, out projection -> (B, T, D)."""
+        return self.out(F.silu(self.r_proj(x)) * apply_head_norm(self.norm, o))
 
     def forward(self, x: Tensor, state: GLAState | None = None) -> tuple[Tensor, GLAState]:
         state = state if state is not None else self.default_state(x)
         q, k, v, g = self._project(x)
-        o, memory = gla(q, k, v, g, chunk_size=self.config.chunk_size, initial_state=state.memory,
-                        output_final_state=True)
+        if self.backend == "fla":
+            from seqzoo.kernels.fla_linear import fla_gla
+
+            o, memory = fla_gla(q, k, v, g, initial_state=state.memory, output_final_state=True)
+        else:
+            o, memory = gla(q, k, v, g, chunk_size=self.config.chunk_size, initial_state=state.memory,
+                            output_final_state=True)
         return self._output(o, x), GLAState(memory)
 
     def step(self, x: Tensor, state: GLAState) -> tuple[Tensor, GLAState]:

@@ -13,8 +13,9 @@ Initialisation (sec. 3.6 and appendix): A_log = log(1..N) per channel (S4D-real)
 dt_proj.weight uniform in ±R^-0.5 · dt_scale, dt floored at ``dt_init_floor``.
 Decode state: the last ``d_conv - 1`` conv inputs and the SSM state h: (B, E·D, N).
 Backends: "reference" (``scan``: the chunked or the sequential pure-PyTorch scan, "auto"
-picks the chunked form except for very short calls, see ``seqzoo.ops.selective_scan``) and "mamba_ssm" (its fused CUDA
-selective-scan kernel, for calls without an incoming state; not testable on CPU).
+picks the chunked form except for very short calls, see ``seqzoo.ops.selective_scan``), "mamba_ssm" (its fused CUDA
+selective-scan kernel, initial state included; ``seqzoo.kernels.mamba_ssm``) and "mamba_ssm+causal_conv1d" (the
+short conv on causal-conv1d's kernel too); CUDA only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
+from seqzoo.kernels import parts
 from seqzoo.layers.short_conv import ShortConv
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.selective_scan import selective_scan
@@ -81,7 +83,7 @@ def _dt_bias(n: int, *, dt_min: float, dt_max: float, floor: float) -> Tensor:
 class Mamba(TokenMixer):
     name = "mamba"
     Config = MambaConfig
-    backends = ("mamba_ssm",)
+    backends = ("mamba_ssm+causal_conv1d", "mamba_ssm")
     test_space = {"d_state": [1, 4], "expand": [1, 2], "d_conv": [2, 4],
                   "scan": ["auto", "chunked", "sequential"], "chunk_size": [None, 3, 8]}
 
@@ -114,6 +116,13 @@ class Mamba(TokenMixer):
         bias = _dt_bias(self.d_inner, dt_min=c.dt_min, dt_max=c.dt_max, floor=c.dt_init_floor)
         self.dt_proj.bias.copy_(bias)
 
+    def kernel_limits(self, backend: str) -> str | None:
+        from seqzoo.kernels.causal_conv1d import conv_limits
+
+        if "mamba_ssm" in parts(backend) and getattr(self.config, "allow_neg_eigval", False):
+            return "mamba_ssm's scan computes the transition exp(ΔA) only (no negative eigenvalues)"
+        return conv_limits(backend, width=self.config.d_conv)
+
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> MambaState:
         ssm_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         return MambaState(
@@ -127,13 +136,12 @@ class Mamba(TokenMixer):
         return F.linear(dt, self.dt_proj.weight), B, C  # bias enters inside the scan
 
     def forward(self, x: Tensor, state: MambaState | None = None) -> tuple[Tensor, MambaState]:
-        # mamba-ssm's kernel always starts from h = 0: it serves calls without a state
-        # (training, first prefill); continuing from a state uses the reference scan.
-        method = "mamba_ssm" if state is None and self.backend == "mamba_ssm" else self.config.scan
+        kernels = parts(self.backend)
+        method = "mamba_ssm" if "mamba_ssm" in kernels else self.config.scan
         fresh = state is None
         state = state if state is not None else self.default_state(x)
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E·D) each
-        xi, conv_state = self.conv1d(xi, state.conv)
+        xi, conv_state = self.conv1d(xi, state.conv, kernel="causal_conv1d" in kernels)
         dt, B, C = self._ssm_inputs(xi)
         y, ssm_state = selective_scan(
             rearrange(xi, "b t d -> b d t"), rearrange(dt, "b t d -> b d t"),  # (B, E·D, T)

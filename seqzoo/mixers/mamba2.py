@@ -13,11 +13,15 @@ and the output is out_proj(RMSNorm_grouped(y ⊙ SiLU(z))) (mamba-ssm's RMSNormG
 paper's code: dt_bias = softplus⁻¹(dt), dt log-uniform on [dt_min, dt_max] floored at
 dt_init_floor; A_log = log(U(1, 16)); D = 1; norm weight 1.
 Decode state: the conv window over (x, B, C) and the SSM state (B, H, P, N).
+Backends (CUDA; fla also on CPU under Triton's interpreter, for the tests): "mamba_ssm"
+(mamba-ssm's chunked SSD kernel), "fla" (SSD as scalar-gated linear attention on fla's
+simple-GLA kernel), each also "+causal_conv1d" for the short conv; states in and out.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -26,6 +30,7 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from seqzoo.kernels import parts
 from seqzoo.layers.short_conv import ShortConv
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.ssd import ssd, ssd_step
@@ -101,7 +106,7 @@ class GroupedGatedRMSNorm(nn.Module):
 class Mamba2(TokenMixer):
     name = "mamba2"
     Config = Mamba2Config
-    backends = ()
+    backends = ("mamba_ssm+causal_conv1d", "mamba_ssm", "fla+causal_conv1d", "fla")
     test_space = {"headdim": [4, 8, 16], "n_groups": [1, 2], "d_state": [4, 8], "chunk_size": [1, 3, 8]}
 
     def __init__(self, config: Mamba2Config, *, d_model: int, layer_idx: int = 0) -> None:
@@ -127,6 +132,26 @@ class Mamba2(TokenMixer):
 
         self.norm = GroupedGatedRMSNorm(self.d_inner, groups=config.n_groups, eps=config.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=config.bias)
+
+    def kernel_limits(self, backend: str) -> str | None:
+        from seqzoo.kernels.causal_conv1d import conv_limits
+
+        if set(parts(backend)) & {"fla", "mamba_ssm"} and getattr(self.config, "allow_neg_eigval", False):
+            return "the SSD kernels compute the transition exp(ΔA) only (no negative eigenvalues)"
+        return conv_limits(backend, width=self.config.d_conv)
+
+    def _ssd(self, backend: str):
+        """The SSD form ``backend`` runs: the reference chunked form or a kernel binding."""
+        kernels = parts(backend)
+        if "mamba_ssm" in kernels:
+            from seqzoo.kernels.mamba_ssm import ssd_mamba_ssm
+
+            return ssd_mamba_ssm
+        if "fla" in kernels:
+            from seqzoo.kernels.fla_ssd import fla_ssd
+
+            return fla_ssd
+        return partial(ssd, chunk_size=self.config.chunk_size)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> Mamba2State:
         return Mamba2State(
@@ -160,16 +185,17 @@ class Mamba2(TokenMixer):
     # -- the contract ---------------------------------------------------------------------
     def forward(self, x: Tensor, state: Mamba2State | None = None) -> tuple[Tensor, Mamba2State]:
         state = state if state is not None else self.default_state(x)
+        backend = self.backend
         z, xbc, dt_raw = self._split_proj(self.in_proj(x))
-        xbc, conv_state = self.conv(xbc, state.conv)
+        xbc, conv_state = self.conv(xbc, state.conv, kernel="causal_conv1d" in parts(backend))
         xs, B, C = self._split_xbc(xbc)
         dt, A, D = self._ssm_params(dt_raw)
-        y, ssm_state = ssd(
+        y, ssm_state = self._ssd(backend)(
             rearrange(xs, "b t (h p) -> b t h p", p=self.headdim),  # (B, T, H, P)
             dt, A,
             rearrange(B, "b t (g n) -> b t g n", g=self.n_groups),  # (B, T, G, N)
             rearrange(C, "b t (g n) -> b t g n", g=self.n_groups),  # (B, T, G, N)
-            chunk_size=self.config.chunk_size, D=D, initial_state=state.ssm, output_final_state=True,
+            D=D, initial_state=state.ssm, output_final_state=True,
         )
         y = rearrange(y, "b t h p -> b t (h p)")  # (B, T, E·D)
         return self._output(y, z), Mamba2State(conv_state, ssm_state.to(state.ssm.dtype))

@@ -3,17 +3,19 @@ Successor to Transformer for Large Language Models", sec. 2.2):
 
     Q = rotary(X W_Q), K = rotary(X W_K), V = X W_V            (eq. 5, Θ = rotary / xPos angle)
     head_h = Retention(Q_h, K_h, V_h; gamma_h),  gamma_h = 1 - 2^(-5-h)
-    Y = GroupNorm_H(concat(head_1 .. head_H))                   (one group per head)
+    Y = GroupNorm_H(concat(head_1 .. head_H))                   (one group per head; or
+                                                                 ``output_norm: rms``, fla's per-head RMSNorm)
     MSR(X) = (swish(X W_G) ⊙ Y) W_O                             (eq. 8)
 
 The value (and gate) width is ``expand_v * d_model`` (the paper uses 2d). ``forward`` runs
 the chunkwise form (eq. 7), ``step`` the recurrence (eq. 6); the state is the (K, V) memory
-per head and the absolute position (for the rotary phase).
+per head and the absolute position (for the rotary phase). Backend "fla": flash-linear-
+attention's chunked retention kernel (states in and out).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
+from seqzoo.layers.norms import apply_head_norm, head_norm
 from seqzoo.layers.rotary import Rotary
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.retention import retention, retention_step
@@ -32,6 +35,8 @@ class RetNetConfig(MixerConfig):
     chunk_size: int = Field(64, ge=1, description="chunk length C of the chunkwise form")
     rope_base: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
+    output_norm: Literal["group", "rms"] = Field(
+        "group", description="per-head output norm: the paper's GroupNorm, or fla's RMSNorm (loads fla weights)")
 
     def value_dim(self, d_model: int) -> int:
         return int(round(self.expand_v * d_model))
@@ -55,7 +60,9 @@ class RetNetState(NamedTuple):
 class RetNet(TokenMixer):
     name = "retnet"
     Config = RetNetConfig
-    test_space = {"n_heads": [1, 2, 4], "chunk_size": [1, 3, 8, 16], "expand_v": [1.0, 2.0]}
+    backends = ("fla",)
+    test_space = {"n_heads": [1, 2, 4], "chunk_size": [1, 3, 8, 16], "expand_v": [1.0, 2.0],
+                  "output_norm": ["group", "rms"]}
 
     def __init__(self, config: RetNetConfig, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
@@ -69,7 +76,7 @@ class RetNet(TokenMixer):
         self.g_proj = nn.Linear(d_model, value_dim, bias=False)
         self.out = nn.Linear(value_dim, d_model, bias=False)
         self.rotary = Rotary(self.head_k, base=config.rope_base)
-        self.norm = nn.GroupNorm(config.n_heads, value_dim, eps=config.norm_eps)
+        self.norm = head_norm(config.n_heads, self.head_v, kind=config.output_norm, eps=config.norm_eps)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> RetNetState:
         memory = torch.zeros(batch_size, self.n_heads, self.head_k, self.head_v, device=device, dtype=dtype)
@@ -83,17 +90,19 @@ class RetNet(TokenMixer):
         return self.rotary(q, pos), self.rotary(k, pos), v
 
     def _output(self, o: Tensor, x: Tensor) -> Tensor:
-        """o: (B, T, H, V) -> per-head GroupNorm, swish gate, out projection -> (B, T, D)."""
-        b = o.shape[0]
-        flat = rearrange(o, "b t h v -> (b t) (h v)")  # (B*T, H*V): one norm group per head
-        y = rearrange(self.norm(flat), "(b t) c -> b t c", b=b)  # (B, T, H*V)
-        return self.out(F.silu(self.g_proj(x)) * y)
+        """o: (B, T, H, V) -> per-head norm, swish gate, out projection -> (B, T, D)."""
+        return self.out(F.silu(self.g_proj(x)) * apply_head_norm(self.norm, o))
 
     def forward(self, x: Tensor, state: RetNetState | None = None) -> tuple[Tensor, RetNetState]:
         state = state if state is not None else self.default_state(x)
         q, k, v = self._project(x, state.pos)
-        o, memory = retention(q, k, v, chunk_size=self.config.chunk_size, initial_state=state.memory,
-                              output_final_state=True)
+        if self.backend == "fla":
+            from seqzoo.kernels.fla_linear import fla_retention
+
+            o, memory = fla_retention(q, k, v, initial_state=state.memory, output_final_state=True)
+        else:
+            o, memory = retention(q, k, v, chunk_size=self.config.chunk_size, initial_state=state.memory,
+                                  output_final_state=True)
         return self._output(o, x), RetNetState(memory, state.pos + x.shape[1])
 
     def step(self, x: Tensor, state: RetNetState) -> tuple[Tensor, RetNetState]:

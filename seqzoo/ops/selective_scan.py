@@ -102,19 +102,12 @@ def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     return p.finish(rearrange(y, "b t g h 1 -> b (g h) t"), h, u, D, z, return_final_state)
 
 
-def selective_scan_mamba_ssm(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                             D: Tensor | None = None, z: Tensor | None = None,
-                             delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                             return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """mamba-ssm's fused CUDA kernel, imported lazily (CUDA only). It has no initial-state
-    input: the scan always starts from h = 0. Not exercised by the CPU test suite."""
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+def selective_scan_mamba_ssm(*args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba-ssm's fused CUDA kernel (``seqzoo.kernels.mamba_ssm``, imported lazily; CUDA
+    only), initial state included."""
+    from seqzoo.kernels.mamba_ssm import selective_scan_mamba_ssm as kernel
 
-    # The kernel wants A, D and the Δ bias in fp32 whatever the activations' dtype.
-    D = D.float() if D is not None else None
-    delta_bias = delta_bias.float() if delta_bias is not None else None
-    return selective_scan_fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus,
-                             return_last_state=return_final_state)
+    return kernel(*args, **kwargs)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -127,12 +120,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     ``method``); see the module docstring for the maths and layouts. ``method="auto"``
     scans in chunks, except sequences shorter than 24 tokens, which the sequential loop
     scans faster than the chunked form sets itself up."""
-    if method == "mamba_ssm":
-        if initial_state is not None:
-            raise ValueError("method='mamba_ssm': the kernel cannot start from an initial_state; "
-                             "use 'chunked' to continue a scan")
-        return selective_scan_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_final_state)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+    if method == "mamba_ssm":
+        return selective_scan_mamba_ssm(*args)
     if method == "auto":
         method = "sequential" if u.shape[-1] < MIN_AUTO_LENGTH else "chunked"
     if method == "chunked":

@@ -33,6 +33,7 @@ from seqzoo.runs import write_run_recipe
 from seqzoo.tasks import IGNORE, build_task
 from seqzoo.train import checkpoint as ckpt
 from seqzoo.train import distributed as dist
+from seqzoo.train.compile import prepare_model
 from seqzoo.train.evaluate import evaluate, token_loss
 from seqzoo.train.loggers import build_loggers, module_telemetry
 from seqzoo.train.metrics_log import MetricsLog, plot_curves
@@ -235,6 +236,7 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
             log.truncate_after(start)
     elif log is not None:
         log.truncate_after(-1)  # a fresh start: drop records a run killed before its first checkpoint left
+    prepare_model(model, spec, log=log, step=start)  # train.compile; the backends go into the log
 
     logger = build_loggers(spec.log, jsonl=log, out_dir=out, start_step=start, name=recipe.name,
                            config=recipe.model_dump(mode="json")) if log is not None else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from seqzoo import mixers
 from seqzoo.mixers.base import ConfigError
@@ -49,8 +50,10 @@ def test_gated_deltanet_forward_is_the_gated_delta_rule():
         q, k, v, _ = mixer._qkv(x, state)
         o, _ = gated_delta_rule_recurrent(q, k, v, mixer._log_decay(x), mixer._beta(x))
         expected = mixer._output(o, x)
+        raw = rearrange(mixer.q_conv(mixer.q_proj(x), state.conv_q)[0], "b t (h k) -> b t h k", h=2)  # before the norm
     assert_close(y, expected, torch.float64)
-    assert_close(q.norm(dim=-1), torch.ones_like(q[..., 0]), torch.float64, "q must be L2-normalised")
+    # L2-normalised as the authors' release does it: x / sqrt(||x||^2 + 1e-6)
+    assert_close(q, raw / torch.sqrt(raw.pow(2).sum(-1, keepdim=True) + 1e-6), torch.float64, "q's L2 norm")
 
 
 def test_decay_parameters_get_gradients():

@@ -99,6 +99,6 @@ def test_config_errors_name_the_key():
 
 def test_backend_is_reference_on_cpu_and_the_kernel_is_refused_there():
     m = mixers.build("mamba", d_model=16)
-    assert m.backends == ("mamba_ssm",) and m.backend == "reference"
+    assert m.backends == ("mamba_ssm+causal_conv1d", "mamba_ssm") and m.backend == "reference"
     with pytest.raises(ConfigError, match="backend"):
         mixers.build("mamba", d_model=16, backend="mamba_ssm").backend

@@ -348,8 +348,6 @@ def test_shape_errors_are_clear():
         selective_scan(u, u, torch.complex(A, A), B, B)
     with pytest.raises(ValueError, match="method"):
         selective_scan(u, u, A, B, B, method="parallel")
-    with pytest.raises(ValueError, match="initial_state"):  # the kernel always starts from 0
-        selective_scan(u, u, A, B, B, initial_state=torch.zeros(1, 4, 3), method="mamba_ssm")
 
 
 def test_empty_sequence_returns_the_initial_state():
