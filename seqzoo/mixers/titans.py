@@ -77,7 +77,7 @@ class TitansConfig(MixerConfig):
     value_path: Literal["silu_conv", "linear"] = Field(
         "linear", description="silu_conv: v = SiLU(conv(x W_v)) as the paper; linear: v = x W_v")
     # -- chunking ----------------------------------------------------------------------------
-    chunk_size: int = Field(16, ge=1, description="tokens per chunk b (gradients at chunk-start weights)")
+    chunk_size: int = Field(64, ge=1, description="tokens per chunk b (gradients at chunk-start weights)")
     read: Literal["token", "chunk_start"] = "token"
     # -- gates and the stability bound (module docstring) -----------------------------------
     max_lr: float = Field(0.5, gt=0, le=10, description="theta_t = max_lr * sigmoid(.)")
