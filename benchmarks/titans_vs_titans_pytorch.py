@@ -41,15 +41,17 @@ import torch
 import torch.nn.functional as F
 
 B, T, D, CHUNK, DEPTH, EXPANSION = 2, 1024, 256, 64, 2, 4
-IMPLS = ("seqzoo", "titans-pytorch")
+IMPLS = ("seqzoo", "seqzoo-chunk-start", "titans-pytorch")  # seqzoo with read="chunk_start" too
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 34)}
 
 
 def build(impl: str, chunk: int = CHUNK) -> torch.nn.Module | None:
-    if impl == "seqzoo":
+    if impl.startswith("seqzoo"):
         from seqzoo import mixers
 
-        return mixers.build("titans", d_model=D, n_heads=1, depth=DEPTH, expansion=EXPANSION, chunk_size=chunk)
+        read = "chunk_start" if impl == "seqzoo-chunk-start" else "token"
+        return mixers.build("titans", d_model=D, n_heads=1, depth=DEPTH, expansion=EXPANSION, chunk_size=chunk,
+                            read=read)
     try:
         from titans_pytorch import NeuralMemory
     except ImportError:
@@ -136,7 +138,7 @@ def fmt(x: float | None, spec: str = ",.0f") -> str:
 
 def compare(args: argparse.Namespace) -> None:
     have_theirs = build("titans-pytorch") is not None
-    impls = IMPLS if have_theirs else IMPLS[:1]
+    impls = IMPLS if have_theirs else IMPLS[:2]
     rows = []
     for backward, label in ((False, "forward"), (True, "forward+backward")):
         best: dict[str, tuple[float, int]] = {}
@@ -148,14 +150,16 @@ def compare(args: argparse.Namespace) -> None:
         mem = {impl: (child("memory", impl, backward, T, args) or {}).get("peak_mib") for impl in impls}
         tps = {impl: B * T / best[impl][0] if impl in best else None for impl in IMPLS}
         faults = {impl: best[impl][1] if impl in best else None for impl in IMPLS}
-        ours, theirs = tps["seqzoo"], tps["titans-pytorch"]
+        ours, lag, theirs = tps["seqzoo"], tps["seqzoo-chunk-start"], tps["titans-pytorch"]
         m_ours, m_theirs = mem.get("seqzoo"), mem.get("titans-pytorch")
         rows.append([label, fmt(ours), fmt(theirs), fmt(ours / theirs if (ours and theirs) else None, ".2f") + "x",
+                     fmt(lag), fmt(lag / theirs if (lag and theirs) else None, ".2f") + "x",
                      fmt(m_ours, ",.1f"), fmt(m_theirs, ",.1f"),
                      fmt(m_ours / m_theirs if (m_ours and m_theirs) else None, ".2f") + "x",
                      f"{fmt(faults['seqzoo'])} / {fmt(faults['titans-pytorch'])}"])
     print("### seqzoo titans vs titans-pytorch NeuralMemory" + ("" if have_theirs else " (titans-pytorch not installed)"))
-    print(table(["pass", "seqzoo tok/s", "titans-pytorch tok/s", "speed ratio", "seqzoo peak MiB",
+    print(table(["pass", "seqzoo tok/s", "titans-pytorch tok/s", "speed ratio", "seqzoo read=chunk_start tok/s",
+                 "its speed ratio", "seqzoo peak MiB",
                  "titans-pytorch peak MiB", "memory ratio", "page faults per call (seqzoo / titans-pytorch)"], rows))
 
 

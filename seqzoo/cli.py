@@ -7,11 +7,14 @@ file and the key, and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
+from seqzoo.cli_args import OneLineParser, float_in, int_in
 from seqzoo.errors import SeqzooError
+from seqzoo.limits import MAX_BATCH, MAX_EVAL_BATCHES, MAX_NEW_TOKENS, MAX_SEED, MAX_SEQ_LEN, MAX_VOCAB
 
 EXAMPLES = """examples:
   seqzoo train recipes/tiny-attention.yaml                 # ~3 min on a laptop CPU
@@ -29,7 +32,7 @@ OVERRIDES_HELP = ("recipe values to change, KEY=VALUE with a dotted key (train.l
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqzoo", description="Compose, train and compare token mixers.",
+    p = OneLineParser(prog="seqzoo", description="Compose, train and compare token mixers.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"seqzoo {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -45,25 +48,29 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out (exactly: same batches and schedule)")
     t.add_argument("--overwrite", action="store_true", help="delete checkpoints already in --out and start afresh")
+    t.add_argument("--allow-recipe-change", action="store_true",
+                   help="with --resume: continue even though the recipe differs from the checkpoint's")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its recipe's held-out set",
                        description="Load the latest checkpoint of a run directory (or a checkpoint directory) "
                        "and report the task's metrics on the held-out split.")
     e.add_argument("run", help="run directory (from `seqzoo train --out`) or a checkpoint directory")
-    e.add_argument("--batches", type=int, default=16, help="number of eval batches (default 16)")
-    e.add_argument("--batch-size", type=int, default=16, help="sequences per eval batch (default 16)")
-    e.add_argument("--seq-len", type=int, help="evaluate at this sequence length instead of the task's")
+    e.add_argument("--batches", type=int_in(1, MAX_EVAL_BATCHES), default=16, help="number of eval batches (default 16)")
+    e.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=16, help="sequences per eval batch (default 16)")
+    e.add_argument("--seq-len", type=int_in(1, MAX_SEQ_LEN), help="evaluate at this sequence length instead of the task's")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
     g = sub.add_parser("generate", help="sample text from a trained checkpoint",
                        description="Prefill the prompt, then decode token by token with the model's recurrent state.")
     g.add_argument("run", help="run directory or checkpoint directory")
     g.add_argument("--prompt", default="def ", help="text prompt (bytes for byte-level models)")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--max-new-tokens", type=int_in(0, MAX_NEW_TOKENS), default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float_in(0, 1000), default=0.8,
+                   help="softmax temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int_in(1, MAX_VOCAB), default=40,
+                   help="sample among the k most likely tokens (default 40)")
+    g.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="sampling seed")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
     c = sub.add_parser("compare", help="train several recipes on one task and write a comparison report",
@@ -78,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a seconds-long run of the whole pipeline: few steps, tiny eval (what CI runs)")
     c.add_argument("--out", help="output directory (default: runs/compare/<sweep name>[-smoke])")
     c.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the sweep's train.device)")
-    c.add_argument("--jobs", type=int, default=1,
+    c.add_argument("--jobs", type=int_in(1, 256), default=1,
                    help="train this many models at once in worker processes (default 1; on a many-core machine)")
     c.add_argument("--reuse", action="store_true",
                    help="keep finished runs whose recipe is unchanged (continue an interrupted sweep)")
@@ -122,6 +129,8 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from seqzoo.env_errors import environment_error_line
+
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # argparse hands KEY=VALUE items that follow an option to `extra`; they are overrides too.
@@ -133,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SeqzooError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError, RuntimeError) as err:  # the disk, the memory: one line; else a bug
+        line = environment_error_line(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -146,7 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     result = train(recipe, out_dir=args.out, steps=args.steps, device=args.device, resume=args.resume,
-                   overwrite=args.overwrite, progress=not args.no_progress)
+                   overwrite=args.overwrite, allow_recipe_change=args.allow_recipe_change,
+                   progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     head = next(iter(result.final_eval), None)
@@ -167,9 +183,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from seqzoo.runs import load_run
     from seqzoo.train.evaluate import evaluate
 
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run, device=args.device, batch_size=args.batch_size, seq_len=args.seq_len)
     metrics = evaluate(run.model, run.task, n_batches=args.batches, batch_size=args.batch_size, device=run.device,
                        seq_len=args.seq_len)
+    bad = [f"{k}={v}" for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:  # a number that is not one is a failure, not a result
+        raise SeqzooError(f"{run.checkpoint}: evaluation gave {', '.join(bad)} (the model's outputs overflow)")
     print(f"{run.checkpoint}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
@@ -179,13 +198,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from seqzoo.runs import load_run
 
-    run = load_run(args.run, device=args.device)
+    if not args.prompt:
+        raise SeqzooError("--prompt: expected at least one character")
+    run = load_run(args.run, device=args.device, seq_len=len(args.prompt.encode("utf-8", "surrogateescape"))
+                   + args.max_new_tokens)
     if not hasattr(run.task, "decode"):
         raise SeqzooError(f"generate: the recipe's task is {run.recipe.task.get('type')!r}; text generation "
                           f"needs a text model (task bytes or text)")
     ids = torch.tensor(run.task.encode(args.prompt), device=run.device, dtype=torch.long)[None]
     if ids.shape[1] == 0:
-        raise SeqzooError("--prompt: expected at least one character")
+        raise SeqzooError("--prompt: expected at least one token")
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
     out = run.model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              generator=gen)
@@ -210,13 +232,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
+    import torch
+
     import seqzoo
+    from seqzoo.models.lm import LanguageModel
     from seqzoo.runs import recipe_yaml
 
     recipe = seqzoo.load_recipe(args.recipe, overrides=args.overrides)
     print(f"# effective recipe{' (after ' + ' '.join(args.overrides) + ')' if args.overrides else ''}")
     print(recipe_yaml(recipe))
-    print(seqzoo.build_model(recipe).describe())
+    with torch.device("meta"):  # shapes only: a 340M-parameter recipe is described without memory
+        print(LanguageModel(recipe).describe())
     return 0
 
 

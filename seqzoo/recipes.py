@@ -15,29 +15,37 @@ looked up in registries, no dotted import paths.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from seqzoo.errors import RecipeError
+from seqzoo.limits import (MAX_BATCH, MAX_EVAL_BATCHES, MAX_EXPANSION, MAX_LAYERS, MAX_LR, MAX_NEW_TOKENS, MAX_SEED,
+                           MAX_STEPS, MAX_VOCAB, MAX_WIDTH)
 from seqzoo.mixers.base import ConfigError, MixerConfig, make_config
+from seqzoo.safe_yaml import load_yaml_file
+from seqzoo.strict_schema import STRICT, first_error
+
+# A recipe's name is the default run directory (runs/<name>): a plain file name.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class ModelSpec(_Strict):
-    vocab_size: int | None = Field(None, ge=2, description="default: the task's vocabulary")
-    d_model: int = Field(128, ge=1)
-    n_layers: int = Field(4, ge=1)
+    vocab_size: int | None = Field(None, ge=2, le=MAX_VOCAB, description="default: the task's vocabulary")
+    d_model: int = Field(128, ge=1, le=MAX_WIDTH)
+    n_layers: int = Field(4, ge=1, le=MAX_LAYERS)
     mixers: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"attn": {"type": "attention"}})
-    pattern: list[str] | None = None
-    layers: list[str] | None = None
+    pattern: list[str] | None = Field(None, min_length=1, max_length=MAX_LAYERS)
+    layers: list[str] | None = Field(None, min_length=1, max_length=MAX_LAYERS)
     mlp: Literal["swiglu", "none"] = "swiglu"
-    mlp_ratio: float = Field(4.0, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0, le=MAX_EXPANSION)
     norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
@@ -53,31 +61,41 @@ class ModelSpec(_Strict):
         if self.layers is not None:
             return list(self.layers)
         pattern = self.pattern or list(self.mixers)[:1]
+        if not pattern:  # no mixer at all: validate_all names the key
+            return []
         return [pattern[i % len(pattern)] for i in range(self.n_layers)]
 
 
 class TrainSpec(_Strict):
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(16, ge=1, description="global batch (sequences per optimiser step)")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    steps: int = Field(600, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="global batch (sequences per optimiser step)")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH)
+    lr: float = Field(3e-3, gt=0, le=MAX_LR)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), strict=False)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    seed: int = 0
-    eval_every: int = Field(100, ge=1)
-    eval_batches: int = Field(8, ge=1)
-    eval_batch_size: int | None = None
-    ckpt_every: int = Field(200, ge=1)
-    log_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    eval_every: int = Field(100, ge=1, le=MAX_STEPS)
+    eval_batches: int = Field(8, ge=1, le=MAX_EVAL_BATCHES)
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    ckpt_every: int = Field(200, ge=1, le=MAX_STEPS)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: str = "auto"
-    sample_tokens: int = Field(200, ge=0, description="tokens generated at the end (text tasks)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    sample_tokens: int = Field(200, ge=0, le=MAX_NEW_TOKENS, description="tokens generated at the end (text tasks)")
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["jsonl"], description="metrics sinks; JSONL is always written")
     compile: bool = Field(False, description="torch.compile the model (inductor); kernels stay opaque custom ops")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _accum_divides(self) -> "TrainSpec":
@@ -87,7 +105,8 @@ class TrainSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = "unnamed"
+    name: str = Field("unnamed", pattern=NAME_PATTERN,
+                      description="letters, digits and . _ + - (it names the run directory)")
     description: str = ""
     model: ModelSpec = Field(default_factory=ModelSpec)
     task: dict[str, Any] = Field(default_factory=lambda: {"type": "bytes"})
@@ -97,7 +116,7 @@ class Recipe(_Strict):
         """entry name -> (mixer type, validated config). Raises ConfigError naming the key."""
         out = {}
         for entry, spec in self.model.mixers.items():
-            if not isinstance(spec, dict) or "type" not in spec:
+            if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
                 raise ConfigError(f"model.mixers.{entry}.type", "each mixer entry needs a `type` (a registered mixer name)")
             params = {k: v for k, v in spec.items() if k != "type"}
             try:
@@ -135,13 +154,9 @@ class Recipe(_Strict):
 
 
 def _pydantic_error(path: str, err: ValidationError) -> RecipeError:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
+    key, msg = first_error(err)
+    if msg.startswith("unknown key"):
         msg = "unknown key; check its spelling against the recipe schema (seqzoo/recipes.py)"
-    elif "input" in first and first["type"] != "missing":
-        msg = f"{msg} (got {first['input']!r})"
     return RecipeError(path, key, msg)
 
 
@@ -149,7 +164,7 @@ def recipe_from_dict(data: Any, *, path: str = "<dict>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(path, "", f"expected a mapping at the top level, got {type(data).__name__}")
     try:
-        recipe = Recipe(**data)
+        recipe = Recipe.model_validate(data)
         return recipe.validate_all()
     except ValidationError as err:
         raise _pydantic_error(path, err) from None
@@ -174,8 +189,5 @@ def load_recipe(path: str | Path, *, overrides: Sequence[str] = ()) -> Recipe:
     from seqzoo.overrides import load_with_overrides
 
     p = resolve_recipe_path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(str(p), "", f"not valid YAML: {err}") from None
+    data = load_yaml_file(p)  # bounded, regular files only, no duplicate keys, no alias bombs
     return load_with_overrides(data, overrides, path=str(p), validate=lambda d: recipe_from_dict(d, path=str(p)))

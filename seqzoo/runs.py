@@ -35,17 +35,21 @@ class LoadedRun:
     device: "torch.device"
 
 
-def load_run(run: str | Path, *, device: str = "cpu") -> LoadedRun:
+def load_run(run: str | Path, *, device: str = "cpu", batch_size: int = 1, seq_len: int | None = None) -> LoadedRun:
     """The model, recipe, step and task of a run directory's latest checkpoint (or of a
-    checkpoint directory itself). ``device``: cpu | cuda | cuda:N | auto."""
+    checkpoint directory itself), verified (checksums, shapes) and refused before allocating
+    if the model with ``batch_size`` sequences of ``seq_len`` (default: the task's) cannot
+    fit. ``device``: cpu | cuda | cuda:N | auto."""
     from seqzoo.models.lm import LanguageModel
     from seqzoo.tasks import build_task
     from seqzoo.train import checkpoint as ckpt
     from seqzoo.train.loop import resolve_device
+    from seqzoo.train.memory_budget import check_fits
 
     path = Path(run)
-    if not path.exists():
-        raise CheckpointError(str(path), "no such run or checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(str(path), "no such run or checkpoint directory" if not path.exists()
+                              else "not a directory; expected a run or checkpoint directory")
     target = path if (path / "state.json").exists() else ckpt.latest_checkpoint(path)
     if target is None:
         raise CheckpointError(str(path), "holds no checkpoint (expected checkpoints/latest.json or state.json)")
@@ -54,10 +58,12 @@ def load_run(run: str | Path, *, device: str = "cpu") -> LoadedRun:
         raise CheckpointError(str(target / "state.json"), "no recipe stored", key="recipe")
     recipe = recipe_from_dict(state["recipe"], path=str(target / "state.json"))
     dev = resolve_device(device)
+    task = build_task(recipe.task)
+    check_fits(recipe, device=dev, seq_len=seq_len or task.config.seq_len, eval_batch=batch_size, what=str(target))
     model = LanguageModel(recipe)
     ckpt.load_model_weights(target, model)
     return LoadedRun(model=model.to(dev).eval(), recipe=recipe, step=int(state.get("step", 0)),
-                     task=build_task(recipe.task), checkpoint=target, device=dev)
+                     task=task, checkpoint=target, device=dev)
 
 
 def write_run_recipe(out_dir: Path, recipe: Recipe) -> Path:

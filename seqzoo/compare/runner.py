@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import yaml
 
 from seqzoo.compare.schema import ModelEntry, Sweep, load_sweep
 from seqzoo.errors import RecipeError, SeqzooError
 from seqzoo.models.lm import LanguageModel
 from seqzoo.recipes import Recipe, recipe_from_dict, resolve_recipe_path
+from seqzoo.safe_yaml import load_yaml_file
 from seqzoo.tasks import Task, build_task
 from seqzoo.train.evaluate import evaluate
 from seqzoo.train.loop import TrainingDiverged, _autocast, resolve_device, train
@@ -132,9 +132,11 @@ def build_recipes(sweep: Sweep, sweep_path: str | Path, *, smoke: bool = False,
             path = _find_recipe(entry, sweep_path)
         except RecipeError:
             raise RecipeError(str(sweep_path), f"models[{i}].recipe", f"no such recipe file {entry.recipe!r}") from None
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_file(path)
         if not isinstance(data, dict):
             raise RecipeError(str(path), "", "expected a mapping at the top level")
+        if not isinstance(data.get("model", {}), dict):
+            raise RecipeError(str(path), "model", f"expected a mapping, got {type(data['model']).__name__}")
         model = _merge(_merge(data.get("model", {}), sweep.model), entry.model)
         if "vocab_size" not in {**sweep.model, **entry.model}:
             model["vocab_size"] = None  # the task's vocabulary, whatever the recipe was written for

@@ -20,48 +20,59 @@ model's vocabulary is the task's, unless an entry overrides ``model.vocab_size``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from seqzoo.errors import RecipeError
-from seqzoo.recipes import TrainSpec, _pydantic_error
+from seqzoo.limits import MAX_BATCH, MAX_EVAL_BATCHES, MAX_LR, MAX_SEQ_LEN, MAX_STEPS
+from seqzoo.recipes import NAME_PATTERN, TrainSpec, _pydantic_error
+from seqzoo.safe_yaml import load_yaml_file
+from seqzoo.strict_schema import STRICT
+
+SeqLen = Annotated[int, Field(ge=1, le=MAX_SEQ_LEN)]
+LearningRate = Annotated[float, Field(gt=0, le=MAX_LR)]
+MAX_MODELS = 256  # entries of one sweep
+MAX_LIST = 64     # learning rates or test lengths of one sweep
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class ModelEntry(_Strict):
     recipe: str = Field(description="model recipe path (relative to the working directory or the sweep file)")
-    name: str | None = Field(None, description="label in the report; default: the recipe's name")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="label in the report (and run directory); "
+                             "default: the recipe's name")
     model: dict[str, Any] = Field(default_factory=dict, description="overrides merged into the recipe's model")
 
 
 class SmokeSpec(_Strict):
     """What ``--smoke`` changes: a few steps on small batches, one eval batch, two lengths."""
 
-    steps: int = Field(3, ge=1)
-    batch_size: int = Field(4, ge=1)
-    eval_batches: int = Field(1, ge=1)
-    eval_batch_size: int = Field(4, ge=1)
-    lrs: int = Field(1, ge=1, description="how many of the sweep's learning rates to keep")
+    steps: int = Field(3, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    eval_batches: int = Field(1, ge=1, le=MAX_EVAL_BATCHES)
+    eval_batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    lrs: int = Field(1, ge=1, le=MAX_LIST, description="how many of the sweep's learning rates to keep")
     task: dict[str, Any] = Field(default_factory=dict, description="task overrides, e.g. a shorter seq_len")
-    eval_seq_lens: list[int] | None = Field(None, description="default: the first two of the sweep's")
+    eval_seq_lens: list[SeqLen] | None = Field(None, min_length=1, max_length=MAX_LIST,
+                                               description="default: the first two of the sweep's")
 
 
 class Sweep(_Strict):
-    name: str
+    name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     task: dict[str, Any] = Field(description="the task every model trains on (type + settings)")
     train: TrainSpec = Field(default_factory=TrainSpec, description="the training spec every model shares")
-    lrs: list[float] | None = Field(None, min_length=1, description="learning-rate sweep (best final metric kept)")
-    models: list[ModelEntry] = Field(min_length=1)
+    lrs: list[LearningRate] | None = Field(None, min_length=1, max_length=MAX_LIST,
+                                           description="learning-rate sweep (best final metric kept)")
+    models: list[ModelEntry] = Field(min_length=1, max_length=MAX_MODELS)
     model: dict[str, Any] = Field(default_factory=dict,
                                   description="overrides merged into every model (e.g. a common width and depth)")
-    eval_seq_lens: list[int] = Field(default_factory=list, description="default: the task's seq_len")
-    eval_batches: int = Field(8, ge=1, description="batches per length in the length evaluation")
+    eval_seq_lens: list[SeqLen] = Field(default_factory=list, max_length=MAX_LIST,
+                                        description="default: the task's seq_len")
+    eval_batches: int = Field(8, ge=1, le=MAX_EVAL_BATCHES, description="batches per length in the length evaluation")
     smoke: SmokeSpec = Field(default_factory=SmokeSpec)
 
     @field_validator("models", mode="before")
@@ -69,20 +80,6 @@ class Sweep(_Strict):
     def _paths_as_entries(cls, value: Any) -> Any:
         if isinstance(value, list):
             return [{"recipe": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("lrs")
-    @classmethod
-    def _positive(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and any(lr <= 0 for lr in value):
-            raise ValueError(f"learning rates must be positive, got {value}")
-        return value
-
-    @field_validator("eval_seq_lens")
-    @classmethod
-    def _lengths(cls, value: list[int]) -> list[int]:
-        if any(n < 1 for n in value):
-            raise ValueError(f"sequence lengths must be positive, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -98,18 +95,13 @@ def load_sweep(path: str | Path, *, overrides: Sequence[str] = ()) -> Sweep:
     from seqzoo.overrides import load_with_overrides
 
     p = Path(path)
-    if not p.exists():
-        raise RecipeError(str(p), "", "no such sweep file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(str(p), "", f"not valid YAML: {err}") from None
+    data = load_yaml_file(p, what="sweep file")
     if not isinstance(data, dict):
         raise RecipeError(str(p), "", "expected a mapping at the top level")
 
     def validate(d: dict[str, Any]) -> Sweep:
         try:
-            return Sweep(**d)
+            return Sweep.model_validate(d)
         except ValidationError as err:
             raise _pydantic_error(str(p), err) from None
 

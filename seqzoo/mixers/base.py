@@ -22,20 +22,31 @@ from __future__ import annotations
 from typing import Any, ClassVar, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import Tensor, nn
 
-from seqzoo.errors import ConfigError  # re-exported: mixers import it from here
+from seqzoo.errors import ConfigError, SeqzooError  # ConfigError re-exported: mixers import it from here
+from seqzoo.limits import MAX_HYPERPARAM_INT
+from seqzoo.strict_schema import STRICT, first_error, short_repr
 
 State = Any  # a NamedTuple / frozen dataclass of tensors (and ints), one per mixer
 
 
 class MixerConfig(BaseModel):
-    """Base of every mixer's hyper-parameters. ``backend`` is shared by all mixers."""
+    """Base of every mixer's hyper-parameters. ``backend`` is shared by all mixers.
+    Strict types (``seqzoo.strict_schema``); every integer hyper-parameter is a size, a count
+    or a length and is bounded by ``MAX_HYPERPARAM_INT``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(**STRICT, frozen=True)
 
     backend: str = "auto"
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_ints(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_HYPERPARAM_INT:
+            raise ValueError(f"expected at most {MAX_HYPERPARAM_INT:,}, got {value}")
+        return value
 
     def check(self, d_model: int) -> None:
         """Raise ``ConfigError(key, why)`` if these settings cannot work at ``d_model``."""
@@ -108,7 +119,8 @@ class TokenMixer(nn.Module):
 
     def state_size(self, batch_size: int = 1) -> int:
         """Number of scalars held in the decode state right after ``init_state``."""
-        state = self.init_state(batch_size, device="cpu", dtype=torch.float32)
+        # On the module's own device: a model built on "meta" (shapes only) counts without memory.
+        state = self.init_state(batch_size, device=self._device(), dtype=torch.float32)
         return sum(t.numel() for t in iter_tensors(state))
 
     def extra_repr(self) -> str:
@@ -167,8 +179,8 @@ def available() -> list[str]:
 
 def get(name: str) -> type[TokenMixer]:
     _ensure_loaded()
-    if name not in _REGISTRY:
-        raise ConfigError("type", f"unknown mixer {name!r}; expected one of {sorted(_REGISTRY)}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ConfigError("type", f"unknown mixer {short_repr(name)}; expected one of {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 
@@ -176,15 +188,12 @@ def make_config(name: str, params: dict[str, Any], *, d_model: int) -> MixerConf
     """Validate ``params`` strictly against mixer ``name``; errors name the key."""
     cls = get(name)
     try:
-        config = cls.Config(**params)
+        config = cls.Config.model_validate(params)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "?"
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            allowed = sorted(cls.Config.model_fields)
-            msg = f"unknown key for mixer {name!r}; expected one of {allowed}"
-        raise ConfigError(key, msg) from None
+        key, msg = first_error(err, allowed_keys=sorted(cls.Config.model_fields))
+        if msg.startswith("unknown key"):
+            msg = msg.replace("unknown key", f"unknown key for mixer {name!r}", 1)
+        raise ConfigError(key or "?", msg) from None
     config.check(d_model)
     return config
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from seqzoo.layers.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from seqzoo.kernels import parts
 from seqzoo.layers.short_conv import ShortConv
+from seqzoo.limits import MAX_EXPANSION
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.delta_rule import chunk_delta_rule, delta_rule_step
 
@@ -40,7 +41,7 @@ class DeltaRuleConfig(MixerConfig):
 
     n_heads: int = Field(4, ge=1)
     head_dim: int | None = Field(None, ge=1, description="key dim K per head (None: d_model // n_heads)")
-    expand_v: float = Field(1.0, gt=0, description="value dim per head V = expand_v * K")
+    expand_v: float = Field(1.0, gt=0, le=MAX_EXPANSION, description="value dim per head V = expand_v * K")
     chunk_size: int = Field(64, ge=1, description="chunk length C of the WY/UT form")
     use_short_conv: bool = True
     conv_size: int = Field(4, ge=2)

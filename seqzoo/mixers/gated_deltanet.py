@@ -21,13 +21,14 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from seqzoo.mixers.deltanet import DeltaNet, DeltaRuleConfig
+from seqzoo.limits import MAX_EXPANSION
 from seqzoo.mixers.base import ConfigError, register
 
 
 class GatedDeltaNetConfig(DeltaRuleConfig):
-    expand_v: float = Field(2.0, gt=0, description="value dim per head V = expand_v * K")
+    expand_v: float = Field(2.0, gt=0, le=MAX_EXPANSION, description="value dim per head V = expand_v * K")
     use_gate: bool = Field(True, description="gate the normalised output with SiLU(x W_g)")
-    a_init_range: tuple[float, float] = Field((0.0, 16.0), description="A = exp(A_log) ~ U(lo, hi)")
+    a_init_range: tuple[float, float] = Field((0.0, 16.0), strict=False, description="A = exp(A_log) ~ U(lo, hi)")
     dt_min: float = Field(0.001, gt=0)
     dt_max: float = Field(0.1, gt=0)
 

@@ -24,14 +24,15 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from seqzoo.layers.norms import apply_head_norm, head_norm
+from seqzoo.limits import MAX_EXPANSION
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.gla import gla, gla_step
 
 
 class GLAConfig(MixerConfig):
     n_heads: int = Field(4, ge=1)
-    expand_k: float = Field(0.5, gt=0, description="key width = expand_k * d_model (paper: 0.5)")
-    expand_v: float = Field(1.0, gt=0, description="value width = expand_v * d_model (paper: 1)")
+    expand_k: float = Field(0.5, gt=0, le=MAX_EXPANSION, description="key width = expand_k * d_model (paper: 0.5)")
+    expand_v: float = Field(1.0, gt=0, le=MAX_EXPANSION, description="value width = expand_v * d_model (paper: 1)")
     gate_low_rank: int = Field(16, ge=1, description="rank of the gate projection W_a1 W_a2")
     gate_temperature: float = Field(16.0, gt=0, description="tau: log alpha = logsigmoid(.) / tau")
     chunk_size: int = Field(64, ge=1, description="chunk length C of the chunked form")

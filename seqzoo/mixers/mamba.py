@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from seqzoo.kernels import parts
 from seqzoo.layers.short_conv import ShortConv
+from seqzoo.limits import MAX_EXPANSION
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.selective_scan import selective_scan
 
@@ -38,7 +39,7 @@ from seqzoo.ops.selective_scan import selective_scan
 class MambaConfig(MixerConfig):
     d_state: int = Field(16, ge=1, description="SSM state size N per channel")
     d_conv: int = Field(4, ge=1, description="kernel of the causal depthwise conv")
-    expand: float = Field(2, gt=0, description="inner width E·D = int(expand * d_model)")
+    expand: float = Field(2, gt=0, le=MAX_EXPANSION, description="inner width E·D = int(expand * d_model)")
     dt_rank: int | Literal["auto"] = Field("auto", description="rank R of Δ's projection; auto = ceil(D/16)")
     dt_min: float = Field(0.001, gt=0)
     dt_max: float = Field(0.1, gt=0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,8 @@ class Mamba2Config(MixerConfig):
     dt_min: float = Field(0.001, gt=0)
     dt_max: float = Field(0.1, gt=0)
     dt_init_floor: float = Field(1e-4, gt=0)
-    dt_limit: tuple[float, float] = Field((0.0, math.inf), description="clamp of dt after softplus")
-    A_init_range: tuple[float, float] = Field((1.0, 16.0), description="A_log = log U(lo, hi)")
+    dt_limit: tuple[float, Annotated[float, Field(allow_inf_nan=True)]] = Field((0.0, math.inf), strict=False, description="clamp of dt after softplus")
+    A_init_range: tuple[float, float] = Field((1.0, 16.0), strict=False, description="A_log = log U(lo, hi)")
     skip_per_channel: bool = Field(False, description="D per channel (mamba-ssm's D_has_hdim)")
     conv_bias: bool = True
     bias: bool = Field(False, description="biases of in_proj / out_proj")

@@ -25,13 +25,14 @@ from torch import Tensor, nn
 
 from seqzoo.layers.norms import apply_head_norm, head_norm
 from seqzoo.layers.rotary import Rotary
+from seqzoo.limits import MAX_EXPANSION
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.retention import retention, retention_step
 
 
 class RetNetConfig(MixerConfig):
     n_heads: int = Field(4, ge=1)
-    expand_v: float = Field(2.0, gt=0, description="value / gate width = expand_v * d_model (paper: 2)")
+    expand_v: float = Field(2.0, gt=0, le=MAX_EXPANSION, description="value / gate width = expand_v * d_model (paper: 2)")
     chunk_size: int = Field(64, ge=1, description="chunk length C of the chunkwise form")
     rope_base: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)

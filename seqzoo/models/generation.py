@@ -17,3 +17,12 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def bytes_text(ids: list[int]) -> str:
+    """Text of byte-level token ids; an id past 255 (a model whose vocabulary is larger than
+    the byte task's, e.g. the paper recipes' 32K) is not a byte and reads as U+FFFD."""
+    out = bytearray()
+    for i in ids:
+        out += bytes([i]) if 0 <= i < 256 else "\ufffd".encode()
+    return out.decode("utf-8", errors="replace")

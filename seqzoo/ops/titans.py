@@ -408,6 +408,15 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, a
         raise ValueError(f"state position {state.pos} is not inside a chunk of {chunk_size}")
 
 
+def _autocast_on(device_type: str) -> bool:
+    if device_type not in ("cpu", "cuda"):  # e.g. "meta" (shapes only): autocast has no such device
+        return False
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def titans_memory(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
                   weights: Sequence[Tensor] | None, *, chunk_size: int, activation: str = "silu",
                   read: str = "token", initial_state: TitansState | None = None,
@@ -429,6 +438,16 @@ def titans_memory(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, a
             raise ValueError("weights: needed when no initial_state is given")
         initial_state = init_state(weights)
     state = initial_state
+    if _autocast_on(q.device.type):
+        # The inner gradient steps accumulate in place into the state's buffers (fp32 master
+        # weights), which autocast's bf16 GEMM outputs cannot do: the memory runs in the
+        # state's dtype, outside autocast; the projections around it keep autocast.
+        dtype = state.weights[0].dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return titans_memory(*(x.to(dtype) for x in (q, k, v, theta, eta, alpha)), None,
+                                 chunk_size=chunk_size, activation=activation, read=read, initial_state=state,
+                                 output_final_state=output_final_state, residual=residual, bias=bias,
+                                 ln=None if ln is None else tuple(x.to(dtype) for x in ln), ln_eps=ln_eps)
     _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size, read=read,
                   residual=residual, bias=bias, max_grad_norm=max_grad_norm)
     T, L = q.shape[1], len(state.weights)

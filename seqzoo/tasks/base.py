@@ -10,19 +10,24 @@ from __future__ import annotations
 from typing import Any, ClassVar, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
+from seqzoo.limits import MAX_SEED, MAX_SEQ_LEN
 from seqzoo.mixers.base import ConfigError
+from seqzoo.strict_schema import STRICT, first_error, short_repr
 
 IGNORE = -100
 
 
 class TaskConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict types (``seqzoo.strict_schema``); subclasses that redefine ``seq_len`` keep
+    its bounds (``ge=1, le=MAX_SEQ_LEN``)."""
 
-    seq_len: int = 256
-    seed: int = 0
+    model_config = ConfigDict(**STRICT, frozen=True)
+
+    seq_len: int = Field(256, ge=1, le=MAX_SEQ_LEN)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class Task:
@@ -90,18 +95,18 @@ def build_task(spec: dict[str, Any]) -> Task:
     """``spec`` is the recipe's ``task`` mapping: ``type`` plus the task's own settings."""
     import seqzoo.tasks  # noqa: F401
 
+    if not isinstance(spec, dict):
+        raise ConfigError("", f"expected a mapping with a `type` (a task name), got {short_repr(spec)}")
     spec = dict(spec)
     name = spec.pop("type", None)
-    if name not in _TASKS:
-        raise ConfigError("type", f"unknown task {name!r}; expected one of {sorted(_TASKS)}")
+    if not isinstance(name, str) or name not in _TASKS:
+        raise ConfigError("type", f"unknown task {short_repr(name)}; expected one of {sorted(_TASKS)}")
     cls = _TASKS[name]
     try:
-        config = cls.Config(**spec)
+        config = cls.Config.model_validate(spec)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            msg = f"unknown key for task {name!r}; expected one of {sorted(cls.Config.model_fields)}"
+        key, msg = first_error(err, allowed_keys=sorted(cls.Config.model_fields))
+        if msg.startswith("unknown key"):
+            msg = msg.replace("unknown key", f"unknown key for task {name!r}", 1)
         raise ConfigError(key, msg) from None
     return cls(config)

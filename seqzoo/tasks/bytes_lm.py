@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import Tensor
 
 from seqzoo.errors import SeqzooError
+from seqzoo.limits import MAX_CORPUS_BYTES
 from seqzoo.tasks.base import Task, TaskConfig, register_task
 
 SUFFIXES = (".py", ".txt", ".md", ".rst")
@@ -29,7 +30,7 @@ SUFFIXES = (".py", ".txt", ".md", ".rst")
 class ByteLMConfig(TaskConfig):
     path: str | None = Field(None, description="file or directory; default: the Python stdlib source")
     eval_percent: float = Field(5.0, gt=0, lt=100, description="share of files held out")
-    max_bytes: int = Field(16_000_000, ge=1024, description="cap on the corpus read into memory")
+    max_bytes: int = Field(16_000_000, ge=1024, le=MAX_CORPUS_BYTES, description="cap on the corpus read into memory")
 
 
 def default_corpus() -> Path:
@@ -47,10 +48,12 @@ class ByteLM(Task):
         return 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode())
+        return list(text.encode("utf-8", "surrogateescape"))  # argv bytes that are not UTF-8 stay bytes
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
+        from seqzoo.models.generation import bytes_text
+
+        return bytes_text(ids)  # ids past 255 (a model with a larger vocabulary) read as U+FFFD
 
     @cached_property
     def splits(self) -> dict[str, Tensor]:
@@ -60,14 +63,14 @@ class ByteLM(Task):
         for f in files:
             is_eval = held_out_file(root, f, self.config.eval_percent)
             if len(files) == 1:  # a single file: hold out its tail instead
-                data = f.read_bytes()
+                data = _read_prefix(f, self.config.max_bytes)
                 cut = int(len(data) * (1 - self.config.eval_percent / 100))
                 return {"train": _as_tensor(data[:cut]), "eval": _as_tensor(data[cut:])}
             split, bucket = ("eval", held_out) if is_eval else ("train", train)
             if budget[split] <= 0:
                 continue
             try:
-                data = f.read_bytes()[: budget[split]]
+                data = _read_prefix(f, budget[split])
             except OSError:
                 continue
             budget[split] -= len(data) + 1
@@ -82,6 +85,9 @@ class ByteLM(Task):
                    seq_len: int | None = None) -> tuple[Tensor, Tensor]:
         t = seq_len or self.config.seq_len
         data = self.splits[split]
+        if data.numel() < t + 2:
+            raise SeqzooError(f"seq_len={t}: the {split} split of the corpus holds {data.numel():,} bytes; "
+                              f"expected a sequence length of at most {data.numel() - 2:,}")
         starts = torch.randint(0, data.numel() - t - 1, (batch_size,), generator=generator)
         idx = starts[:, None] + torch.arange(t + 1)  # (B, T+1)
         window = data[idx].long()
@@ -112,7 +118,13 @@ def held_out(name: str, eval_percent: float) -> bool:
 
 def held_out_file(root: Path, file: Path, eval_percent: float) -> bool:
     return held_out(str(file.relative_to(root)) if file != root else file.name, eval_percent)
+def _read_prefix(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes: a huge file costs no more memory than the cap."""
+    with open(path, "rb") as f:
+        return f.read(limit)
 
 
 def _as_tensor(data: bytes) -> Tensor:
+    if not data:  # frombuffer refuses an empty buffer; the split-size check reports it
+        return torch.zeros(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -13,14 +13,15 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from seqzoo.limits import MAX_SEQ_LEN, MAX_VOCAB
 from seqzoo.tasks.base import IGNORE, Task, TaskConfig, register_task
 
 TRIGGER = 0
 
 
 class InductionConfig(TaskConfig):
-    seq_len: int = Field(128, ge=6)
-    vocab_size: int = Field(32, ge=3, description="the trigger token plus the content tokens")
+    seq_len: int = Field(128, ge=6, le=MAX_SEQ_LEN)
+    vocab_size: int = Field(32, ge=3, le=MAX_VOCAB, description="the trigger token plus the content tokens")
 
 
 @register_task

@@ -13,14 +13,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from seqzoo.limits import MAX_SEQ_LEN, MAX_VOCAB
 from seqzoo.tasks.base import IGNORE, Task, TaskConfig, register_task
 
 
 class MQARConfig(TaskConfig):
-    seq_len: int = 128
-    vocab_size: int = Field(256, ge=8)
-    num_kv_pairs: int = Field(8, ge=1)
-    power_a: float = Field(0.01, gt=0, description="query gaps drawn with p(g) ∝ g^(a-1)")
+    seq_len: int = Field(128, ge=1, le=MAX_SEQ_LEN)
+    vocab_size: int = Field(256, ge=8, le=MAX_VOCAB)
+    num_kv_pairs: int = Field(8, ge=1, le=MAX_SEQ_LEN)
+    power_a: float = Field(0.01, gt=0, le=10, description="query gaps drawn with p(g) ∝ g^(a-1)")
     random_non_queries: bool = True
 
     @model_validator(mode="after")

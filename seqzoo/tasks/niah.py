@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from seqzoo.limits import MAX_SEQ_LEN, MAX_VOCAB
 from seqzoo.tasks.base import IGNORE, Task, TaskConfig, register_task
 
 QUERY, NEEDLE = 1, 2
@@ -25,12 +26,12 @@ FIRST_KEY = 3
 
 
 class NIAHConfig(TaskConfig):
-    seq_len: int = 256
-    num_keys: int = Field(32, ge=1, description="distinct needle keys")
-    num_values: int = Field(32, ge=2, description="distinct value tokens")
-    value_len: int = Field(1, ge=1, description="value tokens per needle")
-    num_noise: int = Field(64, ge=1, description="distinct haystack tokens")
-    depths: tuple[float, ...] = Field((0.0, 0.25, 0.5, 0.75, 1.0), min_length=1,
+    seq_len: int = Field(256, ge=1, le=MAX_SEQ_LEN)
+    num_keys: int = Field(32, ge=1, le=MAX_VOCAB, description="distinct needle keys")
+    num_values: int = Field(32, ge=2, le=MAX_VOCAB, description="distinct value tokens")
+    value_len: int = Field(1, ge=1, le=MAX_SEQ_LEN, description="value tokens per needle")
+    num_noise: int = Field(64, ge=1, le=MAX_VOCAB, description="distinct haystack tokens")
+    depths: tuple[float, ...] = Field((0.0, 0.25, 0.5, 0.75, 1.0), min_length=1, max_length=1024, strict=False,
                                       description="needle depths of the held-out split")
 
     @model_validator(mode="after")

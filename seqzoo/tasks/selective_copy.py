@@ -14,15 +14,16 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from seqzoo.limits import MAX_SEQ_LEN, MAX_VOCAB
 from seqzoo.tasks.base import IGNORE, Task, TaskConfig, register_task
 
 BLANK, MARKER = 0, 1
 
 
 class SelectiveCopyConfig(TaskConfig):
-    seq_len: int = 128
-    num_tokens: int = Field(16, ge=1, description="data tokens to copy")
-    vocab_size: int = Field(16, ge=3, description="including the blank and marker tokens")
+    seq_len: int = Field(128, ge=1, le=MAX_SEQ_LEN)
+    num_tokens: int = Field(16, ge=1, le=MAX_SEQ_LEN, description="data tokens to copy")
+    vocab_size: int = Field(16, ge=3, le=MAX_VOCAB, description="including the blank and marker tokens")
 
     @model_validator(mode="after")
     def _fits(self) -> "SelectiveCopyConfig":

@@ -19,11 +19,12 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from seqzoo.limits import MAX_SEQ_LEN
 from seqzoo.tasks.base import Task, TaskConfig, register_task
 
 
 class StateTrackingConfig(TaskConfig):
-    seq_len: int = Field(64, ge=1)
+    seq_len: int = Field(64, ge=1, le=MAX_SEQ_LEN)
 
 
 @register_task

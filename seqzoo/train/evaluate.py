@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqzoo.errors import SeqzooError
 from seqzoo.tasks.base import IGNORE, Task
 
 
@@ -33,4 +34,7 @@ def evaluate(model: nn.Module, task: Task, *, n_batches: int, batch_size: int, d
         correct += (logits.argmax(-1).eq(targets) & mask).sum().item()
         count += mask.sum().item()
     model.train(was_training)
-    return task.report(loss_sum / max(count, 1), correct / max(count, 1))
+    if count == 0:  # a mean over nothing would read as a perfect 0.0
+        raise SeqzooError(f"evaluation of task {task.name!r} saw no target tokens "
+                          f"({n_batches} batch(es) of {batch_size}); expected at least one")
+    return task.report(loss_sum / count, correct / count)

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from seqzoo.errors import SeqzooError
 from seqzoo.models.lm import LanguageModel
-from seqzoo.recipes import Recipe
+from seqzoo.recipes import Recipe, recipe_from_dict
 from seqzoo.runs import write_run_recipe
 from seqzoo.tasks import IGNORE, build_task
 from seqzoo.train import checkpoint as ckpt
@@ -36,8 +37,11 @@ from seqzoo.train import distributed as dist
 from seqzoo.train.compile import prepare_model
 from seqzoo.train.evaluate import evaluate, token_loss
 from seqzoo.train.loggers import build_loggers, module_telemetry
+from seqzoo.train.memory_budget import check_fits
 from seqzoo.train.metrics_log import MetricsLog, plot_curves
 from seqzoo.train.optim import build_optimizer, lr_at
+from seqzoo.train.resume_check import check_same_recipe
+from seqzoo.train.run_lock import RunLock
 
 PARALLEL_ENV = "SEQZOO_PARALLEL"  # auto | ddp | fsdp: how `torchrun` runs are parallelised
 
@@ -69,10 +73,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise SeqzooError(f"--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise SeqzooError(f"--device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SeqzooError(f"--device: {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SeqzooError(f"--device: {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SeqzooError(f"--device: {name!r} requested but MPS is not available on this machine")
     return device
 
 
@@ -153,10 +163,15 @@ class _State:
 
 def train(recipe: Recipe, *, out_dir: str | Path | None = None, steps: int | None = None,
           device: str | None = None, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          allow_recipe_change: bool = False, progress: bool = True,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None,
           parallel: str | None = None, plot: bool = True) -> TrainResult:
-    """Train ``recipe``; ``steps`` / ``device`` override the recipe's train settings;
-    ``plot=False`` skips curves.png (``seqzoo compare`` draws its own).
+    """Train ``recipe``; ``steps`` / ``device`` override the recipe's train settings (validated
+    like the recipe); ``plot=False`` skips curves.png (``seqzoo compare`` draws its own).
+
+    One writer per ``out_dir`` (``run_lock``). ``resume`` continues the latest checkpoint of
+    exactly this recipe (``resume_check``; ``allow_recipe_change`` continues a changed one)
+    and is an error that changes nothing when there is nothing to continue.
 
     Launched by ``torchrun`` (WORLD_SIZE > 1) it trains data-parallel: ``parallel`` (or the
     SEQZOO_PARALLEL environment variable) picks "ddp", "fsdp" or "auto" (FSDP for recipes
@@ -168,53 +183,88 @@ def train(recipe: Recipe, *, out_dir: str | Path | None = None, steps: int | Non
     if device is not None:
         overrides["device"] = device
     if overrides:
-        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update=overrides)})
+        data = recipe.model_dump()
+        data["train"].update(overrides)
+        recipe = recipe_from_dict(data, path="command line")
+    if resume and overwrite:
+        raise SeqzooError("--resume and --overwrite: give one (continue the run, or delete it and start afresh)")
     parallel = parallel or os.environ.get(PARALLEL_ENV, "auto")
     if parallel not in ("auto", "ddp", "fsdp"):
         raise SeqzooError(f"{PARALLEL_ENV}: expected auto, ddp or fsdp, got {parallel!r}")
+    out = Path(out_dir or Path("runs") / recipe.name)
+    if resume:
+        _resumable(out)  # before anything is created or locked
     info, dev = dist.init(resolve_device(recipe.train.device))
     rss = _RSSPeak() if dev.type == "cpu" else None
+    lock = RunLock(out) if info.is_main else None
     try:
-        return _train(recipe, info=info, dev=dev, out_dir=out_dir, resume=resume, overwrite=overwrite,
-                      progress=progress, on_step=on_step, parallel=parallel, plot=plot, rss=rss)
+        if lock is not None:
+            lock.acquire()
+        return _train(recipe, info=info, dev=dev, out_dir=out, resume=resume, overwrite=overwrite,
+                      allow_recipe_change=allow_recipe_change, progress=progress, on_step=on_step,
+                      parallel=parallel, plot=plot, rss=rss)
     finally:
+        if lock is not None:
+            lock.release()
         if rss is not None:
             rss.stop()
         dist.shutdown(info)
 
 
-def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: str | Path | None,
-           resume: bool, overwrite: bool, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None,
+def _resumable(out: Path) -> Path:
+    existing = ckpt.latest_checkpoint(out)
+    if existing is None:
+        raise SeqzooError(f"{out}: --resume: nothing to resume (no complete checkpoint in {out / 'checkpoints'}); "
+                          f"nothing was changed")
+    return existing
+
+
+def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: Path,
+           resume: bool, overwrite: bool, allow_recipe_change: bool, progress: bool,
+           on_step: Callable[[int, dict[str, Any]], None] | None,
            parallel: str, plot: bool, rss: _RSSPeak | None) -> TrainResult:
     spec = recipe.train
-    out = Path(out_dir or Path("runs") / recipe.name)
+    out = out_dir
     main = info.is_main
     local_batch = spec.batch_size // info.world_size
     if spec.batch_size % info.world_size or local_batch % spec.grad_accum:
         raise SeqzooError(f"train.batch_size={spec.batch_size}: must split evenly into {info.world_size} "
                           f"rank(s) × grad_accum={spec.grad_accum} micro-batches")
 
-    existing = ckpt.latest_checkpoint(out)
-    if existing is not None and not resume:
-        if not overwrite:
-            raise SeqzooError(f"{out}: holds a checkpoint already; pass --resume to continue it or "
-                              f"--overwrite to start afresh (or choose another --out)")
-        dist.barrier(info)  # every rank has seen the checkpoint before rank 0 removes it
+    existing = None if overwrite else ckpt.latest_checkpoint(out)  # looked at again, under the lock
+    if overwrite:
+        dist.barrier(info)  # every rank has started before rank 0 removes the old run
         if main:
-            shutil.rmtree(out / "checkpoints")
+            if (out / "checkpoints").exists():
+                shutil.rmtree(out / "checkpoints")
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        existing = None
+    elif existing is not None and not resume:
+        raise SeqzooError(f"{out}: holds a checkpoint already; pass --resume to continue it or "
+                          f"--overwrite to start afresh (or choose another --out)")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        write_run_recipe(out, recipe)
+        ckpt.clean_stale_temps(out)  # we hold the lock: no other write is in flight
     dist.barrier(info)
 
+    eval_bs = spec.eval_batch_size or spec.batch_size
+    task = build_task(recipe.task)
+    check_fits(recipe, device=dev, seq_len=task.config.seq_len, train_batch=local_batch // spec.grad_accum,
+               eval_batch=eval_bs, what=f"recipe {recipe.name}")
+    resuming = resume
+    if resuming:
+        existing = existing or _resumable(out)
+        state = ckpt.read_state(existing)
+        change = check_same_recipe(state["recipe"], recipe, state_path=str(existing / "state.json"),
+                                   allow_change=allow_recipe_change)
+        if change is not None and main:
+            print(f"warning: resuming {existing} with a changed recipe: {change}", file=sys.stderr)
+        if state["step"] >= spec.steps:
+            raise SeqzooError(f"{existing}: at step {state['step']}, the run's train.steps={spec.steps}; nothing "
+                              f"to resume (to train further, raise --steps with --allow-recipe-change)")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(spec.seed)
-    task = build_task(recipe.task)
     model = LanguageModel(recipe).to(dev)
-    resuming = resume and existing is not None
     if resuming:
         ckpt.load_model_weights(existing, model)  # before sharding: every rank loads the full weights
     strategy = dist.resolve_strategy(parallel, model) if info.enabled else "ddp"
@@ -225,23 +275,22 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
     start = 0
     if resuming:
         if fsdp:
-            state = ckpt.read_state(existing)
-            flat = ckpt._load_tensors(existing / "optimizer.safetensors")
-            dist.load_full_state(model, optimizer, ckpt._optimizer_from_flat(flat, state["optimizer"]), info)
-            torch.set_rng_state(ckpt._load_tensors(existing / "rng.safetensors")["torch"])
+            dist.load_full_state(model, optimizer, ckpt.read_optimizer_state(existing, optimizer), info)
+            ckpt.restore_rng(existing)
         else:
-            state = ckpt.load_training_state(existing, optimizer)
+            ckpt.load_training_state(existing, optimizer)
         start = state["step"]
         if log is not None:
             log.truncate_after(start)
     elif log is not None:
         log.truncate_after(-1)  # a fresh start: drop records a run killed before its first checkpoint left
+    if main:  # only once the checkpoint has loaded: a refused resume changes nothing
+        write_run_recipe(out, recipe)
     prepare_model(model, spec, log=log, step=start)  # train.compile; the backends go into the log
 
     logger = build_loggers(spec.log, jsonl=log, out_dir=out, start_step=start, name=recipe.name,
                            config=recipe.model_dump(mode="json")) if log is not None else None
     autocast = _autocast(spec.precision, dev)
-    eval_bs = spec.eval_batch_size or spec.batch_size
     micro = local_batch // spec.grad_accum
     recipe_json = recipe.model_dump(mode="json")
 
@@ -251,6 +300,10 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
                            autocast=autocast)
         if logger is not None:
             logger.log({"step": step, "split": "eval", **metrics})
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:  # a failure, never a result; the checkpoint of this step is not written
+            raise TrainingDiverged(f"the held-out {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
+                                   f"training stopped. Last good checkpoint: {ckpt.latest_checkpoint(out) or 'none yet'}")
         return metrics
 
     def save(step: int, last_eval: dict[str, float]) -> None:
@@ -309,6 +362,8 @@ def _train(recipe: Recipe, *, info: dist.DistInfo, dev: torch.device, out_dir: s
             record = {"step": done, "split": "train", "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens / max(elapsed, 1e-9), "memory_mb": _memory_so_far_mb(dev, rss),
                       **module_telemetry(model)}
+            if spec.grad_clip == 0:  # not computed without clipping: absent, not a NaN that reads as a failure
+                del record["grad_norm"]
             if logger is not None:
                 logger.log(record)
             bar.set_postfix(loss=f"{loss_total:.3f}", refresh=False)

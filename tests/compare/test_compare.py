@@ -63,7 +63,7 @@ def test_sweep_files_are_strict(tmp_path, models):
     with pytest.raises(RecipeError, match="bad.yaml: stepz: unknown key"):
         load_sweep(bad)
     bad = _write(tmp_path / "bad2.yaml", {"name": "x", "task": {"type": "mqar"}, "models": [{"recipe": str(models[0]), "lr": 1}]})
-    with pytest.raises(RecipeError, match=r"models\.0\.lr"):
+    with pytest.raises(RecipeError, match=r"models\[0\]\.lr"):
         load_sweep(bad)
     bad = _write(tmp_path / "bad3.yaml", {"name": "x", "task": {"type": "mqar", "seq_len": 4}, "models": [str(models[0])]})
     with pytest.raises(RecipeError, match=r"models\[0\].*task.*seq_len"):

@@ -90,7 +90,8 @@ def test_wandb_gets_the_same_scalars_under_one_run_id(tmp_path, monkeypatch):
     assert calls[-1] == ("finish",)
     # Resuming continues the same wandb run.
     data["train"]["steps"] = 6
-    train(seqzoo.recipe_from_dict(data), out_dir=tmp_path, progress=False, plot=False, resume=True)
+    train(seqzoo.recipe_from_dict(data), out_dir=tmp_path, progress=False, plot=False, resume=True,
+          allow_recipe_change=True)  # more steps: a changed recipe (issue 14)
     assert [c[1]["id"] for c in calls if c[0] == "init"] == [inits[0]["id"]] * 2
 
 
