@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train every model of a sweep file (recipes/compare/*.yaml) on the sweep's "
                        "task with identical data order, seed, steps, optimiser and schedule (optionally the best "
                        "of several learning rates), evaluate at each test length, and write report.md, "
-                       "results.json and PNG plots into --out. Exits with 1 if every run of some model failed.")
+                       "results.json and PNG plots into --out, with the sweep's claims checked. Exits with 1 if every run "
+                       "of some model failed, or with --strict if a claim fails.")
     c.add_argument("sweep", help="sweep YAML path (e.g. recipes/compare/mqar.yaml)")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="sweep values to change, e.g. train.steps=50 model.d_model=32 task.seq_len=128")
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--reuse", action="store_true",
                    help="keep finished runs whose recipe is unchanged (continue an interrupted sweep)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--strict", action="store_true",
+                   help="exit with 1 when a claim of the sweep fails (without it a failed claim is reported)")
 
     d = sub.add_parser("describe", help="print the effective recipe and its layers: mixer, backend, parameters, state size")
     d.add_argument("recipe", help="recipe YAML path or name in ./recipes/")
@@ -221,14 +224,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     result = run_sweep(args.sweep, out_dir=args.out, smoke=args.smoke, device=args.device,
                        progress=not args.no_progress, jobs=args.jobs, reuse=args.reuse, overrides=args.overrides)
     print(f"\n{result.table}\n")
+    if result.claims_table:
+        print(f"claims ({sum(r.holds for r in result.claims)} of {len(result.claims)} hold):\n{result.claims_table}\n")
     print(f"report: {result.report}")
     for plot in result.plots:
         print(f"plot: {plot}")
+    code = 0
     if result.failed:
         print(f"error: no run of {', '.join(result.failed)} finished; see the Failures section of the report",
               file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if result.failed_claims:
+        print(f"{'error' if args.strict else 'warning'}: {len(result.failed_claims)} claim(s) fail: "
+              + "; ".join(result.failed_claims), file=sys.stderr)
+        code = 1 if args.strict else code
+    return code
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
