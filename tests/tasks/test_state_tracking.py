@@ -53,3 +53,36 @@ def test_s5_longer_test_sequences():
     task = build_task({"type": "s5", "seq_len": 16})
     inputs, targets = next(task.eval_batches(1, 2, seq_len=40))
     assert inputs.shape == targets.shape == (2, 40)
+
+
+@given(lo=st.integers(1, 40), extra=st.integers(0, 40), step=st.integers(0, 10_000))
+def test_parity_variable_length_training_scores_only_each_sequences_prefix(lo, extra, step):
+    from seqzoo.tasks import IGNORE
+
+    hi = lo + extra
+    task = build_task({"type": "parity", "seq_len": hi, "min_seq_len": lo})
+    inputs, targets = task.train_batch(step, 16)
+    lengths = (targets != IGNORE).sum(-1)
+    assert lengths.min() >= lo and lengths.max() <= hi
+    for x, y, n in zip(inputs.tolist(), targets.tolist(), lengths.tolist()):
+        assert all(t != IGNORE for t in y[:n]) and all(t == IGNORE for t in y[n:])  # a prefix, then nothing
+        assert y[:n] == [sum(x[:i + 1]) % 2 for i in range(n)]
+
+
+def test_parity_last_position_scoring_and_scaled_accuracy():
+    from seqzoo.errors import ConfigError
+    from seqzoo.tasks import IGNORE
+
+    task = build_task({"type": "parity", "seq_len": 8, "score": "last"})
+    (inputs, targets), = task.eval_batches(1, 5, seq_len=32)
+    assert inputs.shape == (5, 32) and (targets[:, :-1] == IGNORE).all()
+    assert torch.equal(targets[:, -1], inputs.sum(-1) % 2)
+    assert task.metrics[0] == "scaled_accuracy"
+    assert task.report(0.7, 0.5)["scaled_accuracy"] == 0.0 and task.report(0.0, 1.0)["scaled_accuracy"] == 1.0
+    assert task.report(0.7, 0.25)["scaled_accuracy"] == -0.5  # below chance stays visible
+    try:
+        build_task({"type": "parity", "seq_len": 8, "min_seq_len": 9})
+    except ConfigError as err:
+        assert "min_seq_len" in str(err)
+    else:
+        raise AssertionError("min_seq_len > seq_len was accepted")
