@@ -20,8 +20,8 @@ A state_dict does not record ``ngroups`` (B and C only show the product G·N), n
 ``Mamba2Config`` field as keyword overrides). Not representable in seqzoo's mixer, and
 refused with a clear error: ``d_ssm < d_inner`` (extra gated-MLP channels in in_proj),
 ``rmsnorm=False`` (no ``norm.weight``), learnable initial states, and a mixer (or an
-override) with ``allow_neg_eigval`` (mamba-ssm's transition is exp(ΔA), never 2·exp(ΔA) − 1). The decode caches differ
-in layout too (mamba-ssm keeps W conv inputs, seqzoo W - 1), so caches are not converted.
+override) with ``allow_neg_eigval`` (mamba-ssm's transition is exp(ΔA), never
+2·exp(ΔA) − 1). The decode caches differ in layout too (mamba-ssm keeps W conv inputs, seqzoo W - 1), so caches are not converted.
 """
 
 from __future__ import annotations

@@ -446,8 +446,8 @@ def test_neg_eigval_gradients_agree_with_the_paper_loop(kw, chunk):
 
 def test_neg_eigval_gradcheck_through_a_zero_transition():
     g = torch.Generator().manual_seed(3)
-    u, C = torch.randn(1, 2, 6, generator=g, dtype=torch.float64), torch.randn(1, 3, 6, generator=g, dtype=torch.float64)
-    B = torch.randn(1, 3, 6, generator=g, dtype=torch.float64)
+    u = torch.randn(1, 2, 6, generator=g, dtype=torch.float64)
+    B, C = (torch.randn(1, 3, 6, generator=g, dtype=torch.float64) for _ in range(2))
     delta = torch.rand(1, 2, 6, generator=g, dtype=torch.float64) * 3
     delta[0, 0, 2] = math.log(2)
     A = -torch.rand(2, 3, generator=g, dtype=torch.float64) - 0.5
