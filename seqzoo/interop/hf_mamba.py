@@ -11,6 +11,8 @@ From the config, not the shapes: ``layer_norm_epsilon`` (block, final and Mamba2
 norms), Mamba2's ``n_groups`` (a state_dict shows only n_groups · state_size) and
 ``time_step_limit``. Numerics: with ``residual_in_fp32`` transformers keeps the residual
 stream in fp32 under half precision, seqzoo in the activation dtype; fp32 runs are equal.
+transformers' Mamba / Mamba2 have no negative-eigenvalue option, so the mixers built here
+keep ``allow_neg_eigval=False`` (the per-layer loaders refuse a mixer that has it).
 """
 
 from __future__ import annotations

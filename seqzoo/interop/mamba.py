@@ -20,6 +20,9 @@ Every hyper-parameter a forward pass needs is recorded by the shapes (d_model, e
 d_state, dt_rank, d_conv, conv_bias, bias); the Δ initialisation range is not, and does not
 matter once weights are loaded. Decode caches differ in layout: mamba-ssm's conv cache keeps
 the last W conv inputs, seqzoo's the last W - 1; ``mamba_state_from_cache`` converts.
+mamba-ssm has no negative-eigenvalue option: a mixer with ``allow_neg_eigval`` (transition
+2·exp(ΔA) − 1) is refused with a clear error, as is the override, rather than loaded to
+compute other maths than the checkpoint was trained with.
 """
 
 from __future__ import annotations
@@ -73,11 +76,21 @@ def _shape_error(prefix: str, key: str, tensor: Tensor, expected: tuple[int, ...
     return CheckpointMismatchError(f"{prefix + key!r} has shape {tuple(tensor.shape)}, expected {expected} ({why})")
 
 
+def _refuse_neg_eigval(enabled: bool, where: str) -> None:
+    """mamba-ssm's ``Mamba`` (and transformers' port) computes the transition exp(ΔA) only:
+    its weights in a mixer with ``allow_neg_eigval`` (2·exp(ΔA) − 1) would run other maths."""
+    if enabled:
+        raise CheckpointMismatchError(f"{where}: allow_neg_eigval=True has no counterpart in mamba-ssm's Mamba "
+                                      f"(its transition is exp(ΔA), never negative); a Mamba checkpoint "
+                                      f"loads only into a mixer with allow_neg_eigval=False")
+
+
 def mamba_config_from_state_dict(state_dict: Mapping[str, Tensor], *, prefix: str = "",
                                  **overrides: Any) -> tuple[int, dict[str, Any]]:
     """Infer ``(d_model, mixer kwargs)`` from the tensor shapes, checking that they agree
     with each other. ``overrides`` set fields the shapes do not record (e.g. ``scan``,
     ``chunk_size``)."""
+    _refuse_neg_eigval(bool(overrides.get("allow_neg_eigval", False)), "overrides")
     sd = _strip(state_dict, prefix)
     in_w = _require(sd, "in_proj.weight", prefix)
     if in_w.dim() != 2 or in_w.shape[0] % 2:
@@ -128,6 +141,7 @@ def load_mamba_state_dict(mixer: Mamba, state_dict: Mapping[str, Tensor], *, pre
     """Copy a mamba-ssm ``Mamba`` state_dict into ``mixer`` (in place, like
     ``load_state_dict``), checking every name and shape first. ``prefix`` selects one layer
     of a full model, e.g. ``"backbone.layers.3.mixer."``."""
+    _refuse_neg_eigval(mixer.config.allow_neg_eigval, "mixer")
     sd = _strip(state_dict, prefix)
     unknown = sorted(set(sd) - set(MAMBA_KEY_MAP))
     if unknown:

@@ -19,8 +19,9 @@ A state_dict does not record ``ngroups`` (B and C only show the product G·N), n
 ``dt_limit``, the norm's eps or ``chunk_size``: pass them (``n_groups=...`` and any other
 ``Mamba2Config`` field as keyword overrides). Not representable in seqzoo's mixer, and
 refused with a clear error: ``d_ssm < d_inner`` (extra gated-MLP channels in in_proj),
-``rmsnorm=False`` (no ``norm.weight``), learnable initial states. The decode caches differ
-in layout too (mamba-ssm keeps W conv inputs, seqzoo W - 1), so caches are not converted.
+``rmsnorm=False`` (no ``norm.weight``), learnable initial states, and a mixer (or an
+override) with ``allow_neg_eigval`` (mamba-ssm's transition is exp(ΔA), never
+2·exp(ΔA) − 1). The decode caches differ in layout too (mamba-ssm keeps W conv inputs, seqzoo W - 1), so caches are not converted.
 """
 
 from __future__ import annotations
@@ -68,10 +69,20 @@ def _require(sd: Mapping[str, Tensor], key: str, prefix: str) -> Tensor:
     return sd[key]
 
 
+def _refuse_neg_eigval(enabled: bool, where: str) -> None:
+    """mamba-ssm's ``Mamba2`` (and transformers' port) computes the transition exp(ΔA) only:
+    its weights in a mixer with ``allow_neg_eigval`` (2·exp(ΔA) − 1) would run other maths."""
+    if enabled:
+        raise CheckpointMismatchError(f"{where}: allow_neg_eigval=True has no counterpart in mamba-ssm's Mamba2 "
+                                      f"(its transition is exp(ΔA), never negative); a Mamba2 checkpoint "
+                                      f"loads only into a mixer with allow_neg_eigval=False")
+
+
 def mamba2_config_from_state_dict(state_dict: Mapping[str, Tensor], *, n_groups: int = 1,
                                   prefix: str = "", **overrides: Any) -> tuple[int, dict[str, Any]]:
     """Infer ``(d_model, mixer kwargs)`` from the tensor shapes; ``n_groups`` and the fields
     a state_dict does not record come from the caller."""
+    _refuse_neg_eigval(bool(overrides.get("allow_neg_eigval", False)), "overrides")
     sd = _strip(state_dict, prefix)
     in_w = _require(sd, "in_proj.weight", prefix)
     out_w = _require(sd, "out_proj.weight", prefix)
@@ -120,6 +131,7 @@ def load_mamba2_state_dict(mixer: Mamba2, state_dict: Mapping[str, Tensor], *, p
     """Copy a mamba-ssm ``Mamba2`` state_dict into ``mixer`` (in place, like
     ``load_state_dict``), checking every name and shape first. ``prefix`` selects one layer
     of a full model, e.g. ``"backbone.layers.3.mixer."``."""
+    _refuse_neg_eigval(mixer.config.allow_neg_eigval, "mixer")
     sd = _strip(state_dict, prefix)
     unknown = sorted(set(sd) - set(MAMBA2_KEY_MAP))
     if unknown:

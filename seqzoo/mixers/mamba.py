@@ -11,6 +11,12 @@ so that its checkpoints load one to one (``seqzoo.interop.mamba``):
 
 Initialisation (sec. 3.6 and appendix): A_log = log(1..N) per channel (S4D-real), D = 1,
 dt_proj.weight uniform in ±R^-0.5 · dt_scale, dt floored at ``dt_init_floor``.
+With ``allow_neg_eigval`` the transition exp(ΔA) of every channel and state is
+2·exp(ΔA) − 1 ∈ (−1, 1] (negative eigenvalues, Grazzi et al. 2024, "Unlocking
+State-Tracking in Linear RNNs Through Negative Eigenvalues"; the input term Δ·B·x is
+unchanged). The chunked closed form cannot represent it, so every ``scan`` then runs the
+sequential form (``seqzoo.ops.selective_scan``); mamba-ssm's kernel cannot either, so
+``auto`` picks the reference and "mamba_ssm" asked for by name is refused.
 Decode state: the last ``d_conv - 1`` conv inputs and the SSM state h: (B, E·D, N).
 Backends: "reference" (``scan``: the chunked or the sequential pure-PyTorch scan, "auto"
 picks the chunked form except for very short calls, see ``seqzoo.ops.selective_scan``), "mamba_ssm" (its fused CUDA
@@ -34,6 +40,7 @@ from seqzoo.layers.short_conv import ShortConv
 from seqzoo.limits import MAX_EXPANSION
 from seqzoo.mixers.base import ConfigError, MixerConfig, TokenMixer, register
 from seqzoo.ops.selective_scan import selective_scan
+from seqzoo.ops.transition import transition
 
 
 class MambaConfig(MixerConfig):
@@ -52,6 +59,8 @@ class MambaConfig(MixerConfig):
         "auto", description="reference form of the scan; auto = chunked (closed form) unless T < 24")
     chunk_size: int | None = Field(None, ge=1, description="longest chunk of the chunked scan (a decay budget "
                                                           "may cut chunks shorter); None = automatic")
+    allow_neg_eigval: bool = Field(False, description="transition 2·exp(ΔA) − 1 ∈ (−1, 1] instead of "
+                                                      "exp(ΔA) ∈ (0, 1]; scans sequentially")
 
     def check(self, d_model: int) -> None:
         if int(self.expand * d_model) < 1:
@@ -86,7 +95,8 @@ class Mamba(TokenMixer):
     Config = MambaConfig
     backends = ("mamba_ssm+causal_conv1d", "mamba_ssm")
     test_space = {"d_state": [1, 4], "expand": [1, 2], "d_conv": [2, 4],
-                  "scan": ["auto", "chunked", "sequential"], "chunk_size": [None, 3, 8]}
+                  "scan": ["auto", "chunked", "sequential"], "chunk_size": [None, 3, 8],
+                  "allow_neg_eigval": [False, True]}
 
     def __init__(self, config: MambaConfig, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
@@ -120,7 +130,7 @@ class Mamba(TokenMixer):
     def kernel_limits(self, backend: str) -> str | None:
         from seqzoo.kernels.causal_conv1d import conv_limits
 
-        if "mamba_ssm" in parts(backend) and getattr(self.config, "allow_neg_eigval", False):
+        if "mamba_ssm" in parts(backend) and self.config.allow_neg_eigval:
             return "mamba_ssm's scan computes the transition exp(ΔA) only (no negative eigenvalues)"
         return conv_limits(backend, width=self.config.d_conv)
 
@@ -149,7 +159,7 @@ class Mamba(TokenMixer):
             -torch.exp(self.A_log), rearrange(B, "b t n -> b n t"), rearrange(C, "b t n -> b n t"),  # (B, N, T)
             D=self.D, z=rearrange(z, "b t d -> b d t"), delta_bias=self.dt_proj.bias,
             delta_softplus=True, initial_state=None if fresh else state.ssm, return_final_state=True,
-            method=method, chunk_size=self.config.chunk_size,
+            method=method, chunk_size=self.config.chunk_size, allow_neg_eigval=self.config.allow_neg_eigval,
         )
         out = self.out_proj(rearrange(y, "b d t -> b t d"))  # (B, T, D)
         return out, MambaState(conv_state, ssm_state)
@@ -162,7 +172,7 @@ class Mamba(TokenMixer):
         h = state.ssm
         delta = F.softplus(dt + self.dt_proj.bias).to(h.dtype)  # (B, E·D)
         A = -torch.exp(self.A_log).to(h.dtype)  # (E·D, N)
-        decay = torch.exp(delta[:, :, None] * A)  # (B, E·D, N)
+        decay = transition(delta[:, :, None] * A, self.config.allow_neg_eigval)  # (B, E·D, N)
         h = decay * h + (delta * xi.to(h.dtype))[:, :, None] * B.to(h.dtype)[:, None, :]
         y = (h * C.to(h.dtype)[:, None, :]).sum(-1) + self.D * xi  # (B, E·D)
         y = (y * F.silu(z)).to(x.dtype)

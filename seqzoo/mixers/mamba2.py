@@ -8,7 +8,13 @@ x, B, C go through a short causal depthwise conv (kernel 4, bias) + SiLU; then p
     dt_t = softplus(dt_raw_t + dt_bias_h),  A_h = -exp(A_log_h)
     h_t  = exp(dt_t A_h) h_{t-1} + dt_t x_t B_tᵀ,   y_t = h_t C_t + D_h x_t      (SSD, ops/ssd.py)
 
-and the output is out_proj(RMSNorm_grouped(y ⊙ SiLU(z))) (mamba-ssm's RMSNormGated with
+With ``allow_neg_eigval`` the transition exp(dt_t A_h) is 2·exp(dt_t A_h) − 1 ∈ (−1, 1]
+(negative eigenvalues, Grazzi et al. 2024, "Unlocking State-Tracking in Linear RNNs
+Through Negative Eigenvalues"); the input term dt_t x_t B_tᵀ is unchanged. The chunked
+form then multiplies the transitions instead of summing log-decays, exact for negative
+and zero ones (``seqzoo.ops.ssd``); no kernel computes it, so ``auto`` picks the reference
+and a kernel asked for by name is refused.
+The output is out_proj(RMSNorm_grouped(y ⊙ SiLU(z))) (mamba-ssm's RMSNormGated with
 ``norm_before_gate=False``, one RMS per group of E·D/G channels). Initialisation as the
 paper's code: dt_bias = softplus⁻¹(dt), dt log-uniform on [dt_min, dt_max] floored at
 dt_init_floor; A_log = log(U(1, 16)); D = 1; norm weight 1.
@@ -52,6 +58,8 @@ class Mamba2Config(MixerConfig):
     conv_bias: bool = True
     bias: bool = Field(False, description="biases of in_proj / out_proj")
     norm_eps: float = Field(1e-5, gt=0)
+    allow_neg_eigval: bool = Field(False, description="transition 2·exp(ΔA) − 1 ∈ (−1, 1] instead of "
+                                                      "exp(ΔA) ∈ (0, 1]")
 
     @model_validator(mode="after")
     def _ranges(self) -> "Mamba2Config":
@@ -107,7 +115,8 @@ class Mamba2(TokenMixer):
     name = "mamba2"
     Config = Mamba2Config
     backends = ("mamba_ssm+causal_conv1d", "mamba_ssm", "fla+causal_conv1d", "fla")
-    test_space = {"headdim": [4, 8, 16], "n_groups": [1, 2], "d_state": [4, 8], "chunk_size": [1, 3, 8]}
+    test_space = {"headdim": [4, 8, 16], "n_groups": [1, 2], "d_state": [4, 8], "chunk_size": [1, 3, 8],
+                  "allow_neg_eigval": [False, True]}
 
     def __init__(self, config: Mamba2Config, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
@@ -136,7 +145,7 @@ class Mamba2(TokenMixer):
     def kernel_limits(self, backend: str) -> str | None:
         from seqzoo.kernels.causal_conv1d import conv_limits
 
-        if set(parts(backend)) & {"fla", "mamba_ssm"} and getattr(self.config, "allow_neg_eigval", False):
+        if set(parts(backend)) & {"fla", "mamba_ssm"} and self.config.allow_neg_eigval:
             return "the SSD kernels compute the transition exp(ΔA) only (no negative eigenvalues)"
         return conv_limits(backend, width=self.config.d_conv)
 
@@ -151,7 +160,7 @@ class Mamba2(TokenMixer):
             from seqzoo.kernels.fla_ssd import fla_ssd
 
             return fla_ssd
-        return partial(ssd, chunk_size=self.config.chunk_size)
+        return partial(ssd, chunk_size=self.config.chunk_size, allow_neg_eigval=self.config.allow_neg_eigval)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> Mamba2State:
         return Mamba2State(
@@ -210,7 +219,7 @@ class Mamba2(TokenMixer):
             dt, A,
             rearrange(B, "b (g n) -> b g n", g=self.n_groups),  # (B, G, N)
             rearrange(C, "b (g n) -> b g n", g=self.n_groups),  # (B, G, N)
-            state.ssm, D=D,
+            state.ssm, D=D, allow_neg_eigval=self.config.allow_neg_eigval,
         )
         y = rearrange(y, "b h p -> b (h p)")  # (B, E·D)
         return self._output(y, z), Mamba2State(conv_state, ssm_state.to(state.ssm.dtype))

@@ -17,6 +17,16 @@ Two forms, equal up to rounding:
 * ``selective_scan_chunked`` (``seqzoo.ops.selective_scan_chunked``): a closed form per
   chunk in log space, chunk after chunk, with a hand-written backward; many times faster on
   CPU, exact up to rounding for any decay (chunks are cut to a decay budget).
+
+Negative eigenvalues (``allow_neg_eigval``, Grazzi et al. 2024, "Unlocking State-Tracking
+in Linear RNNs Through Negative Eigenvalues"): the transition exp(Δ_t[d] A[d, n]) becomes
+2·exp(Δ_t[d] A[d, n]) − 1 ∈ (−1, 1] (``seqzoo.ops.transition``), the input term Δ B u
+stays. The sequential form computes it as written. The chunked closed form cannot: it
+needs the cumulative log-decay A[d, n] Γ_t[d] (an outer product) and divides by
+cumulative decays, while log|2·exp(ΔA) − 1| is no outer product, changes sign, and is
+−inf where exp(ΔA) = 1/2. So with the option every reference method ("auto", "chunked",
+"sequential") runs the sequential form, exact for negative and zero transitions, and its
+gradients come from autograd through it; mamba-ssm's kernel (no such option) is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from torch import Tensor
 
 from seqzoo.ops.selective_scan_chunked import MIN_AUTO_LENGTH, default_chunk_size, selective_scan_chunked
 from seqzoo.ops.selective_scan_layout import as_groups, check_shapes, compute_dtype, finish
+from seqzoo.ops.transition import transition
 
 __all__ = ["default_chunk_size", "selective_scan", "selective_scan_chunked", "selective_scan_mamba_ssm",
            "selective_scan_sequential"]
@@ -83,8 +94,10 @@ def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
                               D: Tensor | None = None, z: Tensor | None = None,
                               delta_bias: Tensor | None = None, delta_softplus: bool = False,
                               initial_state: Tensor | None = None,
-                              return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """The per-token recurrence of Mamba's Algorithm 2 (readable reference).
+                              return_final_state: bool = False,
+                              allow_neg_eigval: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The per-token recurrence of Mamba's Algorithm 2 (readable reference); with
+    ``allow_neg_eigval`` the transition is 2·exp(ΔA) − 1 (module doc).
 
     Returns y: (B, D, T) in u's dtype, and with ``return_final_state`` also h_T: (B, D, N)
     in the compute dtype (fp32 for half inputs, else u's dtype).
@@ -96,7 +109,7 @@ def selective_scan_sequential(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     h, ys = p.h0, []
     for t in range(T):
         # h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t ;  y_t = C_t · h_t      (B, G, D/G, N)
-        h = torch.addcmul(delta_us[t] * Bs[t], (deltas[t] * p.A).exp(), h)
+        h = torch.addcmul(delta_us[t] * Bs[t], transition(deltas[t] * p.A, allow_neg_eigval), h)
         ys.append((h * Cs[t]).sum(-1, keepdim=True))  # (B, G, D/G, 1)
     y = torch.stack(ys, 1) if ys else p.h0.new_zeros(p.batch, 0, *p.h0.shape[1:3], 1)  # (B, T, G, D/G, 1)
     return p.finish(rearrange(y, "b t g h 1 -> b (g h) t"), h, u, D, z, return_final_state)
@@ -115,12 +128,19 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    initial_state: Tensor | None = None, return_final_state: bool = False,
                    *, method: Literal["auto", "chunked", "sequential", "mamba_ssm"] = "auto",
-                   chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                   chunk_size: int | None = None, allow_neg_eigval: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba's selective scan with mamba-ssm's signature (plus ``initial_state`` and
     ``method``); see the module docstring for the maths and layouts. ``method="auto"``
     scans in chunks, except sequences shorter than 24 tokens, which the sequential loop
-    scans faster than the chunked form sets itself up."""
+    scans faster than the chunked form sets itself up. With ``allow_neg_eigval``
+    (transition 2·exp(ΔA) − 1) every reference method runs the sequential form and
+    ``"mamba_ssm"`` is an error (module doc)."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+    if allow_neg_eigval and method in ("auto", "chunked", "sequential"):
+        return selective_scan_sequential(*args, allow_neg_eigval=True)
+    if allow_neg_eigval and method == "mamba_ssm":
+        raise ValueError("allow_neg_eigval: mamba_ssm's scan computes the transition exp(ΔA) only "
+                         "(no negative eigenvalues); use a reference method")
     if method == "mamba_ssm":
         return selective_scan_mamba_ssm(*args)
     if method == "auto":

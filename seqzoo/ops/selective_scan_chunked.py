@@ -36,6 +36,13 @@ A closed form per chunk of L tokens, chunk after chunk.
   recomputes each chunk's E and S, so memory stays O(B·T·D + chunks·B·D·N + L·B·D·N).
 
 Padding is not needed: chunks have any length, and any T works.
+
+Negative eigenvalues (``allow_neg_eigval``: transition 2·exp(ΔA) − 1 ∈ (−1, 1], Grazzi et
+al. 2024) are outside this form: log|2·exp(ΔA) − 1| is not the outer product Δ_t[d] A[d, n]
+that makes Γ a (B, T, D) cumulative sum, the transition changes sign, and it is exactly 0
+(log = −inf, E_t = 0, 1/E_s = inf) where exp(ΔA) = 1/2. With the option this function
+falls back to ``selective_scan_sequential`` (exact, differentiated by autograd); the
+hand-written backward of ``_ClosedFormScan`` only ever sees exp(ΔA).
 """
 
 from __future__ import annotations
@@ -380,13 +387,20 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
                            D: Tensor | None = None, z: Tensor | None = None,
                            delta_bias: Tensor | None = None, delta_softplus: bool = False,
                            initial_state: Tensor | None = None, return_final_state: bool = False,
-                           *, chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                           *, chunk_size: int | None = None,
+                           allow_neg_eigval: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The same scan in closed form, chunk by chunk, with chunks of at most ``chunk_size``
     tokens (default: ``default_chunk_size``) that the decay budget may cut shorter; see the
-    module doc. Same outputs as ``selective_scan_sequential``."""
+    module doc. Same outputs as ``selective_scan_sequential``, which it runs instead with
+    ``allow_neg_eigval`` (module doc)."""
     batch, dim, length, n_state, _, _ = check_shapes(u, delta, A, B, C, initial_state)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size}")
+    if allow_neg_eigval:
+        from seqzoo.ops.selective_scan import selective_scan_sequential  # imports this module
+
+        return selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                         return_final_state, allow_neg_eigval=True)
     dt = compute_dtype(u.dtype)
     h0 = (u.new_zeros(batch, dim, n_state, dtype=dt) if initial_state is None
           else initial_state.to(dt))

@@ -119,3 +119,17 @@ def test_unsupported_variants_are_refused():
     short = {**sd, "in_proj.weight": sd["in_proj.weight"][:-1]}
     with pytest.raises(CheckpointMismatchError, match="in_proj.weight has 83 rows, expected 84"):
         mamba2_from_state_dict(short, n_groups=2)
+
+
+def test_a_negative_eigenvalue_mixer_is_refused():
+    """mamba-ssm's Mamba2 has no allow_neg_eigval: its weights must not silently run 2·exp(ΔA) − 1."""
+    sd = mamba_ssm_state_dict()
+    with pytest.raises(CheckpointMismatchError, match="allow_neg_eigval"):
+        mamba2_from_state_dict(sd, n_groups=2, allow_neg_eigval=True)
+    with pytest.raises(CheckpointMismatchError, match="allow_neg_eigval"):
+        mamba2_config_from_state_dict(sd, n_groups=2, allow_neg_eigval=True)
+    mixer = mixers.build("mamba2", d_model=16, headdim=8, n_groups=2, d_state=4, allow_neg_eigval=True).double()
+    before = mixer.in_proj.weight.clone()
+    with pytest.raises(CheckpointMismatchError, match="exp\\(ΔA\\)"):
+        load_mamba2_state_dict(mixer, sd)
+    assert torch.equal(mixer.in_proj.weight, before)  # nothing was copied

@@ -153,3 +153,18 @@ def test_mismatches_raise_clear_errors():
         load_mamba_state_dict(mixers.build("mamba", d_model=24, d_state=5, bias=True), sd)
     with pytest.raises(CheckpointMismatchError, match="conv_state"):
         mamba_state_from_cache(torch.zeros(1, 48, 4), torch.zeros(1, 47, 5))
+
+
+def test_a_negative_eigenvalue_mixer_is_refused():
+    """mamba-ssm's Mamba has no allow_neg_eigval: its weights must not silently run 2·exp(ΔA) − 1."""
+    sd = mamba_ssm_state_dict()
+    with pytest.raises(CheckpointMismatchError, match="allow_neg_eigval"):
+        mamba_from_state_dict(sd, allow_neg_eigval=True)
+    with pytest.raises(CheckpointMismatchError, match="allow_neg_eigval"):
+        mamba_config_from_state_dict(sd, allow_neg_eigval=True)
+    mixer = mixers.build("mamba", d_model=24, d_state=5, allow_neg_eigval=True).double()
+    before = mixer.in_proj.weight.clone()
+    with pytest.raises(CheckpointMismatchError, match="exp\\(ΔA\\)"):
+        load_mamba_state_dict(mixer, sd)
+    assert torch.equal(mixer.in_proj.weight, before)  # nothing was copied
+    assert mamba_from_state_dict(sd, allow_neg_eigval=False).config.allow_neg_eigval is False

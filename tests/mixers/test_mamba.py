@@ -102,3 +102,102 @@ def test_backend_is_reference_on_cpu_and_the_kernel_is_refused_there():
     assert m.backends == ("mamba_ssm+causal_conv1d", "mamba_ssm") and m.backend == "reference"
     with pytest.raises(ConfigError, match="backend"):
         mixers.build("mamba", d_model=16, backend="mamba_ssm").backend
+
+
+# -- negative eigenvalues (Grazzi et al. 2024): transition 2·exp(ΔA) − 1 -------------------
+def neg_mamba(scan: str = "auto", **params):
+    """A neg-eig mixer whose Δ is large (bias 3: many transitions near −1) except channel 0:
+    Δ = softplus(0) = log 2 exactly (dt_proj row and bias zeroed) with A = −1 (A_log = 0),
+    a transition 2·exp(−log 2) − 1 of exactly 0 at every token."""
+    m = build_mixer("mamba", {"d_state": 3, "allow_neg_eigval": True, "scan": scan, **params})
+    with torch.no_grad():
+        m.dt_proj.bias.fill_(3.0)
+        m.dt_proj.bias[0] = 0.0
+        m.dt_proj.weight[0] = 0.0
+        m.A_log[0] = 0.0
+    return m
+
+
+def test_neg_eigval_transition_is_two_exp_minus_one():
+    """Zero input and zero conv bias: the conv output, hence Δ·B·x, is 0 and Δ = softplus(b_Δ),
+    so one step maps h to (2·exp(ΔA) − 1) ⊙ h; large Δ flips its sign, Δ = log 2, A = −1 zeroes it."""
+    for neg in (True, False):
+        m = neg_mamba()
+        m.config = m.config.model_copy(update={"allow_neg_eigval": neg})
+        with torch.no_grad():
+            m.conv1d.conv.bias.zero_()
+        state = m.init_state(2, dtype=torch.float64)
+        h0 = torch.rand(2, m.d_inner, 3, dtype=torch.float64) + 0.5
+        state = state._replace(ssm=h0)
+        x = torch.zeros(2, 16, dtype=torch.float64)
+        with torch.no_grad():
+            _, s_step = m.step(x, state)
+            _, s_fwd = m(x[:, None], state)
+        decay = torch.exp(F.softplus(m.dt_proj.bias)[:, None] * -torch.exp(m.A_log)).detach()  # (E·D, N)
+        expected = ((2 * decay - 1) if neg else decay) * h0
+        assert_close(s_step.ssm, expected)
+        assert_close(s_fwd.ssm, expected)
+        if neg:
+            assert torch.equal(s_step.ssm[:, 0], torch.zeros_like(h0[:, 0]))  # exactly 0
+            assert (s_step.ssm[:, 1:] < 0).all()  # Δ ≈ 3, A ≤ −1: every eigenvalue < 0, the state flips
+        else:
+            assert (s_step.ssm > 0).all()
+
+
+@pytest.mark.parametrize("params", [dict(), dict(expand=1, d_conv=2, chunk_size=3)])
+def test_neg_eigval_scans_chaining_and_decode_agree(params):
+    x = torch.randn(2, 30, 16, dtype=torch.float64)  # >= 24 tokens: "auto" would pick the chunked form
+    outs = {}
+    for scan in ("auto", "chunked", "sequential"):
+        with torch.no_grad():
+            outs[scan] = neg_mamba(scan, **params)(x)
+    y_ref, s_ref = outs["sequential"]
+    for scan, (y, s) in outs.items():
+        assert_close(y, y_ref, msg=scan)
+        assert_close(s.ssm, s_ref.ssm, msg=scan)
+    m = neg_mamba("chunked", **params)
+    with torch.no_grad():
+        y_steps, s_steps = scan_steps(m, x, m.init_state(2, dtype=torch.float64))
+        y1, s1 = m(x[:, :11])
+        y2, s2 = m(x[:, 11:], s1)
+    assert_close(y_steps, y_ref, msg="decode")
+    assert_close(s_steps.ssm, s_ref.ssm, msg="decode state")
+    assert_close(torch.cat([y1, y2], 1), y_ref, msg="chained")
+    assert_close(s2.ssm, s_ref.ssm, msg="chained state")
+    # the option changes the maths: the same weights without it give another output
+    plain = neg_mamba("chunked", **params)
+    plain.config = plain.config.model_copy(update={"allow_neg_eigval": False})
+    with torch.no_grad():
+        assert not torch.allclose(plain(x)[0], y_ref)
+
+
+def test_neg_eigval_gradients_forward_equal_decode():
+    x = torch.randn(1, 26, 16, dtype=torch.float64)
+    w = torch.randn(1, 26, 16, dtype=torch.float64)
+    grads = []
+    for run in ("forward", "decode"):
+        m = neg_mamba("chunked")
+        xs = x.clone().requires_grad_()
+        y = m(xs)[0] if run == "forward" else scan_steps(m, xs, m.init_state(1, dtype=torch.float64))[0]
+        (y * w).sum().backward()
+        grads.append({"x": xs.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    for name, g in grads[1].items():
+        assert g is not None and torch.isfinite(grads[0][name]).all(), name
+        assert_close(grads[0][name], g, msg=name)
+
+
+def test_neg_eigval_kernels_are_skipped_by_auto_and_refused_by_name(monkeypatch):
+    from seqzoo import kernels
+    from seqzoo.kernels import resolve_backend
+
+    monkeypatch.setattr(kernels, "_importable", lambda module: True)  # resolution only, no kernel runs
+    m = mixers.build("mamba", d_model=16, allow_neg_eigval=True)
+    cuda = torch.device("cuda")
+    for backend in m.backends:
+        assert "negative eigenvalues" in m.kernel_limits(backend)
+    assert resolve_backend("auto", m.backends, cuda, dtype=torch.float32, limits=m.kernel_limits) == "reference"
+    with pytest.raises(ConfigError, match="cannot compute this configuration.*negative eigenvalues"):
+        resolve_backend("mamba_ssm", m.backends, cuda, dtype=torch.float32, limits=m.kernel_limits)
+    plain = mixers.build("mamba", d_model=16)
+    assert resolve_backend("auto", plain.backends, cuda, dtype=torch.float32,
+                           limits=plain.kernel_limits) == "mamba_ssm+causal_conv1d"

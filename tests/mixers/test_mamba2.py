@@ -15,14 +15,15 @@ from hypothesis import strategies as st
 from seqzoo import mixers
 from seqzoo.mixers.base import ConfigError
 from seqzoo.mixers.mamba2 import Mamba2State
-from tests.helpers import assert_close, build_mixer
+from tests.helpers import assert_close, build_mixer, scan_steps
 
 
 def mamba2_reference(raw: dict[str, torch.Tensor], u: torch.Tensor, *, headdim: int, ngroups: int,
-                     d_state: int, eps: float = 1e-5) -> torch.Tensor:
+                     d_state: int, eps: float = 1e-5, neg_eigval: bool = False) -> torch.Tensor:
     """Mamba2 block from raw tensors named as mamba-ssm's ``Mamba2`` (in_proj.weight,
     conv1d.weight/bias, dt_bias, A_log, D, norm.weight, out_proj.weight), one token and one
-    head at a time. u: (B, T, D) -> (B, T, D)."""
+    head at a time. u: (B, T, D) -> (B, T, D). ``neg_eigval``: transition 2·exp(dt A) − 1
+    (Grazzi et al. 2024) instead of exp(dt A)."""
     b, t, _ = u.shape
     nheads = raw["A_log"].shape[0]
     d_inner = nheads * headdim
@@ -52,7 +53,9 @@ def mamba2_reference(raw: dict[str, torch.Tensor], u: torch.Tensor, *, headdim: 
             Bt = Bm[:, i, g * d_state:(g + 1) * d_state]
             Ct = Cm[:, i, g * d_state:(g + 1) * d_state]
             xt = x[:, i, cols]
-            state = torch.exp(dt[:, i, h] * A[h])[:, None, None] * state \
+            decay = torch.exp(dt[:, i, h] * A[h])
+            decay = 2 * decay - 1 if neg_eigval else decay
+            state = decay[:, None, None] * state \
                 + dt[:, i, h, None, None] * xt[:, :, None] * Bt[:, None, :]
             skip = D[cols] if D.numel() == d_inner else D[h]
             y[:, i, cols] = (state * Ct[:, None, :]).sum(-1) + skip * xt
@@ -159,3 +162,93 @@ def test_bf16_runs_close_to_fp32():
         y16, s16 = m16(u.bfloat16())
     assert y16.dtype == torch.bfloat16 and s16.ssm.dtype == torch.bfloat16
     assert ((y16.float() - y32).norm() / y32.norm()) < 5e-2
+
+
+# -- negative eigenvalues (Grazzi et al. 2024): transition 2·exp(dt A) − 1 ------------------
+def neg_mamba2(**params):
+    """A neg-eig mixer with large steps (dt_bias 3: transitions near −1), except head 0:
+    its dt row of in_proj and dt_bias zeroed, so dt = softplus(0) = log 2 exactly, and
+    A = −1 (A_log = 0): a transition 2·exp(−log 2) − 1 of exactly 0 at every token."""
+    params = {"headdim": 4, "n_groups": 2, "d_state": 4, "chunk_size": 3, "allow_neg_eigval": True, **params}
+    m = build_mixer("mamba2", params)
+    with torch.no_grad():
+        m.dt_bias.fill_(3.0)
+        m.dt_bias[0] = 0.0
+        m.in_proj.weight[m.d_inner + m.conv_dim] = 0.0  # head 0's dt row
+        m.A_log[0] = 0.0
+    return m
+
+
+def test_neg_eigval_transition_is_two_exp_minus_one():
+    """Zero input, zero conv bias: x, B, C are 0 and dt = softplus(dt_bias), so one step maps
+    the state h to (2·exp(dt A) − 1) h; large dt flips its sign, dt = log 2 with A = −1 zeroes it."""
+    for neg in (True, False):
+        m = neg_mamba2(allow_neg_eigval=neg)
+        with torch.no_grad():
+            m.conv.conv.bias.zero_()
+        h0 = torch.rand(2, m.n_heads, m.headdim, m.d_state, dtype=torch.float64) + 0.5
+        state = m.init_state(2, dtype=torch.float64)._replace(ssm=h0)
+        x = torch.zeros(2, 16, dtype=torch.float64)
+        with torch.no_grad():
+            _, s_step = m.step(x, state)
+            _, s_fwd = m(x[:, None], state)
+        decay = torch.exp(F.softplus(m.dt_bias) * -torch.exp(m.A_log)).detach()[:, None, None]  # (H, 1, 1)
+        expected = ((2 * decay - 1) if neg else decay) * h0
+        assert_close(s_step.ssm, expected, torch.float64)
+        assert_close(s_fwd.ssm, expected, torch.float64)
+        if neg:
+            assert torch.equal(s_step.ssm[:, 0], torch.zeros_like(h0[:, 0]))  # exactly 0
+            assert (s_step.ssm[:, 1:] < 0).all()  # an eigenvalue < 0: the state flips
+        else:
+            assert (s_step.ssm > 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_neg_eigval_chunked_decode_chaining_and_the_papers_equations_agree(chunk):
+    m = neg_mamba2(chunk_size=chunk)
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, s = m(x)
+        y_steps, s_steps = scan_steps(m, x, m.init_state(2, dtype=torch.float64))
+        y1, s1 = m(x[:, :7])
+        y2, s2 = m(x[:, 7:], s1)
+    expected = mamba2_reference(raw_from_mixer(m), x, headdim=4, ngroups=2, d_state=4, neg_eigval=True)
+    assert_close(y, expected, torch.float64, "chunked vs the paper's equations")
+    assert_close(y_steps, y, torch.float64, "decode")
+    assert_close(s_steps.ssm, s.ssm, torch.float64, "decode state")
+    assert_close(torch.cat([y1, y2], 1), y, torch.float64, "chained")
+    assert_close(s2.ssm, s.ssm, torch.float64, "chained state")
+    plain = mamba2_reference(raw_from_mixer(m), x, headdim=4, ngroups=2, d_state=4)
+    assert not torch.allclose(plain, y)  # the option changes the maths
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_neg_eigval_gradients_chunked_equal_decode(chunk):
+    x = torch.randn(1, 11, 16, dtype=torch.float64)
+    w = torch.randn(1, 11, 16, dtype=torch.float64)
+    grads = []
+    for run in ("forward", "decode"):
+        m = neg_mamba2(chunk_size=chunk)
+        xs = x.clone().requires_grad_()
+        y = m(xs)[0] if run == "forward" else scan_steps(m, xs, m.init_state(1, dtype=torch.float64))[0]
+        (y * w).sum().backward()
+        grads.append({"x": xs.grad, **{n: p.grad for n, p in m.named_parameters()}})
+    for name, g in grads[1].items():
+        assert g is not None and torch.isfinite(grads[0][name]).all(), name
+        assert_close(grads[0][name], g, torch.float64, name)
+
+
+def test_neg_eigval_kernels_are_skipped_by_auto_and_refused_by_name(monkeypatch):
+    from seqzoo import kernels
+    from seqzoo.kernels import resolve_backend
+
+    monkeypatch.setattr(kernels, "_importable", lambda module: True)  # resolution only, no kernel runs
+    m = mixers.build("mamba2", d_model=16, headdim=8, d_state=4, allow_neg_eigval=True)
+    cuda = torch.device("cuda")
+    for backend in m.backends:
+        assert "negative eigenvalues" in m.kernel_limits(backend)
+        with pytest.raises(ConfigError, match="cannot compute this configuration.*negative eigenvalues"):
+            resolve_backend(backend, m.backends, cuda, dtype=torch.float32, limits=m.kernel_limits)
+    assert resolve_backend("auto", m.backends, cuda, dtype=torch.float32, limits=m.kernel_limits) == "reference"
+    with pytest.raises(ConfigError, match="backend"):  # on CPU a named kernel is refused as well
+        mixers.build("mamba2", d_model=16, headdim=8, d_state=4, allow_neg_eigval=True, backend="fla").backend

@@ -26,10 +26,11 @@ from tests.helpers import assert_close
 
 
 def paper_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-               initial_state=None):
+               initial_state=None, neg_eigval=False):
     """Algorithm 2 token by token and channel group by channel group, nothing vectorised
     over time: Ā_t = exp(Δ_t A), B̄_t = Δ_t B_t (Mamba's simplified ZOH),
-    h_t = Ā_t h_{t-1} + B̄_t x_t, y_t = C_t h_t (+ D x_t), then y ⊙ SiLU(z)."""
+    h_t = Ā_t h_{t-1} + B̄_t x_t, y_t = C_t h_t (+ D x_t), then y ⊙ SiLU(z).
+    ``neg_eigval``: Ā_t = 2 exp(Δ_t A) - 1 (Grazzi et al. 2024), B̄_t unchanged."""
     batch, dim, length = u.shape
     n = A.shape[1]
     if delta_bias is not None:
@@ -50,6 +51,8 @@ def paper_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     ys = []
     for t in range(length):
         A_bar = torch.exp(delta[:, :, t, None] * A[None])  # (B, D, N)
+        if neg_eigval:
+            A_bar = 2 * A_bar - 1
         B_bar = delta[:, :, t, None] * per_channel(B, t)  # (B, D, N)
         h = A_bar * h + B_bar * u[:, :, t, None]
         y = (per_channel(C, t) * h).sum(-1)  # (B, D)
@@ -363,3 +366,104 @@ def test_softplus_matches_torch():
     """The test's written-out softplus is torch's (guards the oracle itself)."""
     x = torch.linspace(-5, 5, 11, dtype=torch.float64)
     assert_close(torch.log1p(torch.exp(x)), F.softplus(x))
+
+
+# -- negative eigenvalues (Grazzi et al. 2024): transition 2·exp(ΔA) − 1 -------------------
+def _neg_problem(kw):
+    """Δ scaled up so that many transitions 2·exp(ΔA) − 1 are negative, and channel 0 given
+    Δ = log 2, A = −1: its transition 2·exp(−log 2) − 1 is exactly 0 (checked)."""
+    kw = dict(kw)
+    kw["delta"] = kw["delta"] * 4
+    kw["A"] = kw["A"].clone()
+    kw["A"][0] = -1.0
+    kw["delta"] = kw["delta"].clone()
+    if kw["delta_softplus"]:
+        kw["delta"][:, 0] = -kw["delta_bias"][0] if "delta_bias" in kw else 0.0  # softplus(0) = log 2
+    else:
+        kw["delta"][:, 0] = math.log(2)
+    d0 = kw["delta"][:, 0] + (kw["delta_bias"][0] if "delta_bias" in kw else 0.0)
+    d0 = F.softplus(d0) if kw["delta_softplus"] else d0
+    assert torch.equal(2 * torch.exp(d0[..., None] * kw["A"][0]) - 1, torch.zeros(*d0.shape, kw["A"].shape[1],
+                                                                                  dtype=d0.dtype))
+    return kw
+
+
+@given(kw=problems(), chunk=st.sampled_from([None, 1, 3, 8]))
+def test_neg_eigval_every_method_equals_the_paper_loop(kw, chunk):
+    kw = _neg_problem(kw)
+    y_ref, h_ref = paper_loop(**kw, neg_eigval=True)
+    for method in ("sequential", "chunked", "auto"):
+        y, h = selective_scan(**kw, return_final_state=True, method=method, chunk_size=chunk, allow_neg_eigval=True)
+        assert_close(y, y_ref, msg=f"{method}, chunk={chunk}")
+        assert_close(h, h_ref, msg=f"{method}, chunk={chunk}: final state")
+    y, h = selective_scan_chunked(**kw, return_final_state=True, chunk_size=chunk, allow_neg_eigval=True)
+    assert_close(y, y_ref, msg="selective_scan_chunked called directly")
+
+
+def test_neg_eigval_transition_is_two_exp_minus_one_and_can_be_zero():
+    """u = 0: the state only decays, h_1 = (2·exp(ΔA) − 1) h_0 exactly; Δ = log 2, A = −1
+    gives a transition of exactly 0, a large Δ one near −1 (the state flips sign)."""
+    A = -torch.tensor([[1.0, 1.0, 4.0]], dtype=torch.float64)  # (D=1, N=3)
+    delta = torch.tensor([[[math.log(2)]]], dtype=torch.float64)  # (B, D, T=1)
+    h0 = torch.tensor([[[1.0, -2.0, 3.0]]], dtype=torch.float64)
+    delta_big = delta.clone().fill_(3.0)
+    zeros_u, B, C = torch.zeros(1, 1, 1, dtype=torch.float64), torch.ones(1, 3, 1, dtype=torch.float64), \
+        torch.ones(1, 3, 1, dtype=torch.float64)
+    for method in ("sequential", "chunked"):
+        _, h = selective_scan(zeros_u, delta, A, B, C, initial_state=h0, return_final_state=True,
+                              method=method, allow_neg_eigval=True)
+        assert torch.equal(h[0, 0, :2], torch.zeros(2, dtype=torch.float64))  # exactly 0
+        assert_close(h, (2 * torch.exp(delta[..., 0, None] * A) - 1) * h0)
+        _, h = selective_scan(zeros_u, delta_big, A, B, C, initial_state=h0, return_final_state=True,
+                              method=method, allow_neg_eigval=True)
+        expected = (2 * torch.exp(3.0 * A) - 1) * h0
+        assert_close(h, expected)
+        assert (torch.sign(h) == -torch.sign(h0)).all()  # every eigenvalue < 0: the state flips
+        _, h_pos = selective_scan(zeros_u, delta_big, A, B, C, initial_state=h0, return_final_state=True,
+                                  method=method)
+        assert (torch.sign(h_pos) == torch.sign(h0)).all()  # without the option it only decays
+
+
+@given(kw=problems(max_t=10), chunk=st.integers(1, 5))
+def test_neg_eigval_gradients_agree_with_the_paper_loop(kw, chunk):
+    kw = _neg_problem(kw)
+
+    def grads(fn, **extra):
+        leaves = {k: v.detach().clone().requires_grad_() if torch.is_tensor(v) else v for k, v in kw.items()}
+        y, h = fn(**leaves, **extra)
+        g = torch.Generator().manual_seed(1)
+        loss = ((y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+                + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum())
+        loss.backward()
+        return {k: v.grad for k, v in leaves.items() if torch.is_tensor(v)}
+
+    expected = grads(paper_loop, neg_eigval=True)
+    got = grads(selective_scan, return_final_state=True, method="chunked", chunk_size=chunk, allow_neg_eigval=True)
+    for name, e in expected.items():
+        assert e is not None and torch.isfinite(e).all(), name
+        assert_close(got[name], e, msg=f"d loss / d {name}")
+
+
+def test_neg_eigval_gradcheck_through_a_zero_transition():
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(1, 2, 6, generator=g, dtype=torch.float64)
+    B, C = (torch.randn(1, 3, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    delta = torch.rand(1, 2, 6, generator=g, dtype=torch.float64) * 3
+    delta[0, 0, 2] = math.log(2)
+    A = -torch.rand(2, 3, generator=g, dtype=torch.float64) - 0.5
+    A[0] = -1.0  # channel 0, token 2: transition exactly 0
+    h0 = torch.randn(1, 2, 3, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (u, delta, A, B, C, h0)]
+
+    def f(u, delta, A, B, C, h0):
+        return selective_scan(u, delta, A, B, C, initial_state=h0, return_final_state=True,
+                              method="chunked", allow_neg_eigval=True)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_neg_eigval_is_refused_by_the_mamba_ssm_method():
+    kw = dict(u=torch.zeros(1, 2, 3), delta=torch.ones(1, 2, 3), A=-torch.ones(2, 1), B=torch.ones(2, 1),
+              C=torch.ones(2, 1))
+    with pytest.raises(ValueError, match="negative eigenvalues"):
+        selective_scan(**kw, method="mamba_ssm", allow_neg_eigval=True)

@@ -4,13 +4,15 @@ external oracle (SSD is scalar-gated linear attention: q = C, k = B, v = dt·x, 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from einops import rearrange, repeat
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seqzoo.ops.ssd import segsum, ssd, ssd_sequential, ssd_step
+from seqzoo.ops.ssd import segprod, segsum, ssd, ssd_sequential, ssd_step
 from tests.helpers import assert_close
 from tests.ops import fla_oracle
 
@@ -197,3 +199,113 @@ def test_matches_fla_naive_recurrent_simple_gla(dtype, prob, chunk):
     y, s = ssd(**args, chunk_size=chunk, output_final_state=True)
     assert_close(y, o, dtype, "y vs fla naive_recurrent_simple_gla")
     assert_close(s, rearrange(s_fla, "b h n p -> b h p n"), dtype, "final state vs fla")
+
+
+# -- negative eigenvalues (Grazzi et al. 2024): transition 2·exp(dt A) − 1 ------------------
+def neg_loop(x, dt, A, B, C, D=None, initial_state=None):
+    """The recurrence written out per head and token, a_t = 2·exp(dt_t A_h) − 1."""
+    b, t, h, p = x.shape
+    n, r = B.shape[-1], h // B.shape[2]
+    state = initial_state.clone() if initial_state is not None else x.new_zeros(b, h, p, n)
+    y = torch.zeros_like(x)
+    for i in range(t):
+        for k in range(h):
+            a = 2 * torch.exp(dt[:, i, k] * A[k]) - 1  # (B,)
+            state[:, k] = a[:, None, None] * state[:, k] + dt[:, i, k, None, None] * x[:, i, k, :, None] \
+                * B[:, i, k // r, None, :]
+            y[:, i, k] = (state[:, k] * C[:, i, k // r, None, :]).sum(-1)
+            if D is not None:
+                y[:, i, k] += D[k] * x[:, i, k]  # D: (H,) or (H, P)
+    return y, state
+
+
+def neg_inputs(prob: dict) -> dict:
+    """Large steps (many negative transitions) and head 0 at dt = log 2, A = −1, whose
+    transition 2·exp(−log 2) − 1 is exactly 0 (checked) at every other token."""
+    args = make_inputs(**prob, dtype=torch.float64)
+    args["dt"] = args["dt"] * 4
+    args["A"] = args["A"].clone()
+    args["A"][0] = -1.0
+    args["dt"][:, ::2, 0] = math.log(2)
+    assert torch.equal(2 * torch.exp(args["dt"][:, ::2, 0] * args["A"][0]) - 1, torch.zeros_like(args["dt"][:, ::2, 0]))
+    return args
+
+
+@given(prob=problems(), chunk=st.sampled_from([1, 2, 5, 8, 32]))
+def test_neg_eigval_chunked_equals_sequential_equals_the_loop(prob, chunk):
+    args = neg_inputs(prob)
+    y_ref, s_ref = neg_loop(**args)
+    y_seq, s_seq = ssd_sequential(**args, output_final_state=True, allow_neg_eigval=True)
+    y, s = ssd(**args, chunk_size=chunk, output_final_state=True, allow_neg_eigval=True)
+    assert_close(y_seq, y_ref, torch.float64, "sequential vs loop")
+    assert_close(s_seq, s_ref, torch.float64, "sequential final state")
+    assert_close(y, y_ref, torch.float64, f"chunked(C={chunk}) vs loop")
+    assert_close(s, s_ref, torch.float64, f"chunked(C={chunk}) final state")
+
+
+@given(prob=problems(), chunk=st.sampled_from([1, 3, 8]), data=st.data())
+def test_neg_eigval_split_point_with_carried_state(prob, chunk, data):
+    prob["t"] = max(prob["t"], 2)
+    args = neg_inputs(prob)
+    cut = data.draw(st.integers(1, prob["t"] - 1), label="cut")
+    kw = dict(chunk_size=chunk, output_final_state=True, allow_neg_eigval=True)
+    y_full, s_full = ssd(**args, **kw)
+    first = {k: (v[:, :cut] if k in ("x", "dt", "B", "C") else v) for k, v in args.items()}
+    second = {k: (v[:, cut:] if k in ("x", "dt", "B", "C") else v) for k, v in args.items()}
+    y1, s1 = ssd(**first, **kw)
+    y2, s2 = ssd(**{**second, "initial_state": s1}, **kw)
+    assert_close(torch.cat([y1, y2], 1), y_full, torch.float64, f"cut={cut}")
+    assert_close(s2, s_full, torch.float64, "final state after two calls")
+
+
+@given(prob=problems(max_t=12), chunk=st.sampled_from([1, 4, 5]))
+def test_neg_eigval_gradients_chunked_equal_sequential(prob, chunk):
+    prob["with_state"] = True
+    args = neg_inputs(prob)
+    leaves = {k: v.clone().requires_grad_() for k, v in args.items() if v is not None}
+    gen = torch.Generator().manual_seed(prob["seed"] + 1)
+    w_y = torch.randn(args["x"].shape, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(args["initial_state"].shape, generator=gen, dtype=torch.float64)
+
+    def grads(fn, **kw):
+        y, s = fn(**{**args, **leaves}, output_final_state=True, allow_neg_eigval=True, **kw)
+        return torch.autograd.grad((y * w_y).sum() + (s * w_s).sum(), list(leaves.values()))
+
+    for name, ga, gb in zip(leaves, grads(ssd, chunk_size=chunk), grads(ssd_sequential)):
+        assert torch.isfinite(ga).all(), name
+        assert_close(ga, gb, torch.float64, f"d/d{name}, chunk={chunk}")
+
+
+def test_neg_eigval_gradcheck_through_zero_transitions():
+    args = neg_inputs(dict(b=1, t=7, h=2, g=1, p=2, n=2, seed=5, d_mode="head", with_state=True))
+    names = list(args)
+    leaves = [args[k].requires_grad_() for k in names]
+
+    def f(*tensors):
+        return ssd(**dict(zip(names, tensors)), chunk_size=3, output_final_state=True, allow_neg_eigval=True)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_neg_eigval_transition_flips_the_state_and_can_be_zero():
+    """x = 0: h_1 = (2·exp(dt A) − 1) h_0, exactly 0 at dt = log 2, A = −1, and of the
+    opposite sign for a large step (an eigenvalue near −1); exp(dt A) h_0 keeps the sign."""
+    A = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    dt = torch.tensor([[[math.log(2), 5.0]]], dtype=torch.float64)  # (B, T=1, H=2)
+    x, Bc = torch.zeros(1, 1, 2, 1, dtype=torch.float64), torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    h0 = torch.tensor([2.0, -3.0], dtype=torch.float64).reshape(1, 2, 1, 1)
+    for fn in (ssd_sequential, lambda *a, **k: ssd(*a, chunk_size=4, **k)):
+        _, h = fn(x, dt, A, Bc, Bc, initial_state=h0, output_final_state=True, allow_neg_eigval=True)
+        assert h[0, 0].item() == 0.0
+        assert h[0, 1].item() == (2 * math.exp(-5.0) - 1) * -3.0 > 0
+        _, h = fn(x, dt, A, Bc, Bc, initial_state=h0, output_final_state=True)
+        assert h[0, 1].item() < 0
+
+
+def test_segprod_matches_explicit_products_with_signs_and_zeros():
+    a = torch.tensor([0.5, -0.9, 0.0, -1.0, 0.3], dtype=torch.float64)
+    out = segprod(a)
+    for t in range(5):
+        for s in range(5):
+            expected = math.prod(a[s + 1:t + 1].tolist()) if s <= t else 0.0
+            assert out[t, s].item() == expected, (t, s)
