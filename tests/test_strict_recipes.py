@@ -75,8 +75,8 @@ def test_invalid_values_are_refused_naming_the_key(path, value, key, expected):
 
 def test_every_recipe_and_sweep_in_the_repository_is_valid(capsys):
     recipes = glob.glob("recipes/*.yaml") + glob.glob("recipes/paper-340m/*.yaml")
-    sweeps = glob.glob("recipes/compare/*.yaml")
-    assert len(recipes) >= 30 and len(sweeps) >= 7
+    sweeps = glob.glob("recipes/compare/*.yaml") + glob.glob("recipes/reproduce/*.yaml")
+    assert len(recipes) >= 30 and len(sweeps) >= 18
     for path in recipes:
         assert main(["describe", path]) == 0, path  # built on "meta": every mixer, no memory
     for path in sweeps:

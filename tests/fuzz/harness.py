@@ -79,6 +79,7 @@ def shrink(base: Base, *, pick: int) -> dict[str, Any]:
         doc["models"] = [entry]
         doc.pop("lrs", None)
         doc["eval_seq_lens"] = doc.get("eval_seq_lens", [])[:1]
+        doc["claims"] = _claims_about(doc, entry)
         doc["eval_batches"] = 1
         doc["smoke"] = {**doc.get("smoke", {}), "steps": 1, "batch_size": 2, "eval_batches": 1, "eval_batch_size": 2}
         doc["smoke"].pop("eval_seq_lens", None)
@@ -86,6 +87,22 @@ def shrink(base: Base, *, pick: int) -> dict[str, Any]:
         if task.get("type") == "bytes":
             doc["smoke"]["task"] = {**smoke_task, "max_bytes": 200_000}
     return doc
+
+
+def _claims_about(doc: dict[str, Any], entry: Any) -> list[dict[str, Any]]:
+    """The sweep's claims that still refer only to the one model and the lengths kept."""
+    import fnmatch
+
+    label = entry.get("name") if isinstance(entry, dict) else None
+    label = label or yaml.safe_load(Path(entry if isinstance(entry, str) else entry["recipe"]).read_text()).get("name")
+    lengths = {None, doc["task"].get("seq_len"), *doc["eval_seq_lens"]}
+    kept = []
+    for claim in doc.get("claims", []):
+        patterns = [p for key in ("models", "better", "worse", "faster", "slower") for p in claim.get(key, [])]
+        used = [claim.get(k) for k in ("seq_len", "from_len", "to_len")] + list(claim.get("seq_lens") or [])
+        if all(fnmatch.fnmatchcase(str(label), p) for p in patterns) and all(n in lengths for n in used):
+            kept.append(claim)
+    return kept
 
 
 # -- structural mutations ---------------------------------------------------------------------
