@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from seqzoo.interop.mamba2 import CheckpointMismatchError
+from seqzoo.interop.mamba2 import CheckpointMismatchError, refuse_neg_eigval
 from seqzoo.mixers.mamba import Mamba, MambaState
 
 __all__ = ["MAMBA_KEY_MAP", "CheckpointMismatchError", "load_mamba_state_dict", "mamba_config_from_state_dict",
@@ -77,12 +77,7 @@ def _shape_error(prefix: str, key: str, tensor: Tensor, expected: tuple[int, ...
 
 
 def _refuse_neg_eigval(enabled: bool, where: str) -> None:
-    """mamba-ssm's ``Mamba`` (and transformers' port) computes the transition exp(ΔA) only:
-    its weights in a mixer with ``allow_neg_eigval`` (2·exp(ΔA) − 1) would run other maths."""
-    if enabled:
-        raise CheckpointMismatchError(f"{where}: allow_neg_eigval=True has no counterpart in mamba-ssm's Mamba "
-                                      f"(its transition is exp(ΔA), never negative); a Mamba checkpoint "
-                                      f"loads only into a mixer with allow_neg_eigval=False")
+    refuse_neg_eigval(enabled, where, "Mamba")
 
 
 def mamba_config_from_state_dict(state_dict: Mapping[str, Tensor], *, prefix: str = "",

@@ -69,13 +69,18 @@ def _require(sd: Mapping[str, Tensor], key: str, prefix: str) -> Tensor:
     return sd[key]
 
 
-def _refuse_neg_eigval(enabled: bool, where: str) -> None:
-    """mamba-ssm's ``Mamba2`` (and transformers' port) computes the transition exp(ΔA) only:
-    its weights in a mixer with ``allow_neg_eigval`` (2·exp(ΔA) − 1) would run other maths."""
+def refuse_neg_eigval(enabled: bool, where: str, model: str = "Mamba2") -> None:
+    """mamba-ssm's ``Mamba`` / ``Mamba2`` (and transformers' ports) compute the transition
+    exp(ΔA) only: their weights in a mixer with ``allow_neg_eigval`` (2·exp(ΔA) − 1) would run
+    other maths."""
     if enabled:
-        raise CheckpointMismatchError(f"{where}: allow_neg_eigval=True has no counterpart in mamba-ssm's Mamba2 "
-                                      f"(its transition is exp(ΔA), never negative); a Mamba2 checkpoint "
+        raise CheckpointMismatchError(f"{where}: allow_neg_eigval=True has no counterpart in mamba-ssm's {model} "
+                                      f"(its transition is exp(ΔA), never negative); a {model} checkpoint "
                                       f"loads only into a mixer with allow_neg_eigval=False")
+
+
+def _refuse_neg_eigval(enabled: bool, where: str) -> None:
+    refuse_neg_eigval(enabled, where, "Mamba2")
 
 
 def mamba2_config_from_state_dict(state_dict: Mapping[str, Tensor], *, n_groups: int = 1,
