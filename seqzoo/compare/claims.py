@@ -17,6 +17,7 @@ figure or table) and picks models by label, or by a shell-style pattern (``atten
       slower: [titans-lmm, titans-mac]
       from_len: 256
       to_len: 2048
+      min_at_start: 0.5      # every model must first work at from_len
 
 ``metric`` defaults to the task's headline metric; "better" and "drop" follow its direction
 (lower is better for loss and bits per byte). A claim holds only if every model it names has
@@ -98,6 +99,9 @@ class DegradesFasterClaim(_ClaimBase):
     slower: Patterns
     from_len: SeqLen | None = Field(None, description="default: the training length")
     to_len: SeqLen
+    min_at_start: float | None = Field(None, description=(
+        "every model named must reach this at from_len (seed mean): a model at chance has nothing to lose, "
+        "so without it 'degrades slower' could hold vacuously"))
 
     def patterns(self) -> dict[str, list[str]]:
         return {"faster": self.faster, "slower": self.slower}
@@ -195,4 +199,11 @@ def check(claim: _ClaimBase, labels: list[str], values: Values, *, headline: str
     ok = all(math.isfinite(f := mean_std(drops(x))[0]) and math.isfinite(s := mean_std(drops(y))[0]) and f > s
              for x in faster for y in slower)
     parts = [f"{m} drop {fmt_mean_std(drops(m))}" for m in faster + slower]
+    if claim.min_at_start is not None:
+        weak = [m for m in faster + slower
+                if not sign * (mean_std(values(m, start, metric))[0] - claim.min_at_start) >= 0]
+        ok = ok and not weak
+        parts.append(f"at T={start} every model must reach {claim.min_at_start:g}"
+                     + (f"; not reached by {', '.join(f'{m} ({fmt_mean_std(values(m, start, metric))})' for m in weak)}"
+                        if weak else ""))
     return ClaimResult(claim, ok, f"{metric} T={start} → {claim.to_len}: " + "; ".join(parts))

@@ -78,6 +78,15 @@ def test_order_and_degradation_claims_follow_the_metrics_direction():
     assert result.holds and "mamba drop 0.580 ± 0.156 (2 seeds)" in result.measured
     table[("titans", 512)] = [0.1, 0.1]
     assert not _check(faster, table).holds
+    # A model at chance has nothing to lose: with min_at_start it cannot make the claim hold.
+    guarded = _claim(kind="degrades_faster", claim="c", source="s", faster=["mamba"], slower=["titans"], to_len=512,
+                     min_at_start=0.5)
+    chance = {("mamba", 64): [0.99], ("mamba", 512): [0.5], ("titans", 64): [0.06], ("titans", 512): [0.06]}
+    assert _check(faster, chance).holds  # vacuous without the guard
+    result = _check(guarded, chance)
+    assert not result.holds and "not reached by titans (0.060)" in result.measured
+    chance[("titans", 64)] = chance[("titans", 512)] = [0.97]
+    assert _check(guarded, chance).holds
 
 
 def test_claims_are_strict():
