@@ -2,9 +2,11 @@
 
     python benchmarks/titans_vs_titans_pytorch.py [--rounds 3] [--threads N] [--max-t 16384]
     python benchmarks/titans_vs_titans_pytorch.py --sections sweep --malloc-tuned
+    python benchmarks/titans_vs_titans_pytorch.py --sections compare --inner plain   # the paper's plain MLP memory
 
 Config (issue 3): B 2, T 1024, d 256, one head of 256, chunk 64, memory MLP depth 2 x
-expansion 4. seqzoo: the ``titans`` mixer (projections, conv, gates, memory, output gate),
+expansion 4. seqzoo: the ``titans`` mixer (projections, conv, gates, memory as its default
+x + LN(MLP(x)) or, with ``--inner plain``, the paper's plain MLP; output gate),
 computing the faithful per-token recurrence (gradients at chunk-start weights, momentum and
 forgetting per token, read-out with each token's weights). titans-pytorch: ``NeuralMemory``
 with the same sizes and its defaults (an optional dependency: ``pip install titans-pytorch``).
@@ -42,6 +44,10 @@ import torch.nn.functional as F
 
 B, T, D, CHUNK, DEPTH, EXPANSION = 2, 1024, 256, 64, 2, 4
 IMPLS = ("seqzoo", "seqzoo-chunk-start", "titans-pytorch")  # seqzoo with read="chunk_start" too
+# seqzoo's inner model: its default M(x) = x + LN(MLP(x)) (titans-pytorch's default wraps its MLP
+# the same way, in ResidualNorm) or the paper's plain MLP (``--inner plain``).
+INNER_MODELS = {"default": {}, "plain": {"residual": False, "memory_norm": "none"}}
+INNER_ENV = "SEQZOO_BENCH_INNER"  # passed to the child processes
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 34)}
 
 
@@ -50,8 +56,9 @@ def build(impl: str, chunk: int = CHUNK) -> torch.nn.Module | None:
         from seqzoo import mixers
 
         read = "chunk_start" if impl == "seqzoo-chunk-start" else "token"
+        inner = INNER_MODELS[os.environ.get(INNER_ENV, "default")]
         return mixers.build("titans", d_model=D, n_heads=1, depth=DEPTH, expansion=EXPANSION, chunk_size=chunk,
-                            read=read)
+                            read=read, **inner)
     try:
         from titans_pytorch import NeuralMemory
     except ImportError:
@@ -227,18 +234,23 @@ def main() -> None:
     parser.add_argument("--max-t", type=int, default=16384)
     parser.add_argument("--malloc-tuned", action="store_true", help="children keep freed memory (see the doc)")
     parser.add_argument("--sections", default="compare,loop,sweep", help="comma list of compare, loop, sweep")
+    parser.add_argument("--inner", choices=sorted(INNER_MODELS), default=None,
+                        help="seqzoo's memory: default (x + LN(MLP(x))) or plain (the paper's MLP)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         task, impl, backward, t = args.child
         print(json.dumps(_child(task, impl, bool(int(backward)), int(t), args.repeats, args.threads)))
         return
+    if args.inner:
+        os.environ[INNER_ENV] = args.inner
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, B={B} T={T} d={D} heads=1 "
           f"chunk={CHUNK} memory depth={DEPTH} expansion={EXPANSION}; best of {args.repeats} calls x {args.rounds} "
-          f"child processes{', malloc tuned' if args.malloc_tuned else ''}\n")
+          f"child processes{', malloc tuned' if args.malloc_tuned else ''}; seqzoo inner model: "
+          f"{os.environ.get(INNER_ENV, 'default')}\n")
     if "compare" in sections:
         compare(args)
     if "loop" in sections:
