@@ -47,18 +47,16 @@ IMPLS = ("seqzoo", "seqzoo-chunk-start", "titans-pytorch")  # seqzoo with read="
 # seqzoo's inner model: its default M(x) = x + LN(MLP(x)) (titans-pytorch's default wraps its MLP
 # the same way, in ResidualNorm) or the paper's plain MLP (``--inner plain``).
 INNER_MODELS = {"default": {}, "plain": {"residual": False, "memory_norm": "none"}}
-INNER_ENV = "SEQZOO_BENCH_INNER"  # passed to the child processes
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 34)}
 
 
-def build(impl: str, chunk: int = CHUNK) -> torch.nn.Module | None:
+def build(impl: str, chunk: int = CHUNK, inner: str = "default") -> torch.nn.Module | None:
     if impl.startswith("seqzoo"):
         from seqzoo import mixers
 
         read = "chunk_start" if impl == "seqzoo-chunk-start" else "token"
-        inner = INNER_MODELS[os.environ.get(INNER_ENV, "default")]
         return mixers.build("titans", d_model=D, n_heads=1, depth=DEPTH, expansion=EXPANSION, chunk_size=chunk,
-                            read=read, **inner)
+                            read=read, **INNER_MODELS[inner])
     try:
         from titans_pytorch import NeuralMemory
     except ImportError:
@@ -86,11 +84,11 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _child(task: str, impl: str, backward: bool, t: int, repeats: int, threads: int | None) -> dict:
+def _child(task: str, impl: str, backward: bool, t: int, repeats: int, threads: int | None, inner: str) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    module = build(impl)
+    module = build(impl, inner=inner)
     x = torch.randn(B, t, D)
     if task == "memory":
         before = _rss_kib("VmRSS")
@@ -111,7 +109,8 @@ def _child(task: str, impl: str, backward: bool, t: int, repeats: int, threads: 
 
 def child(task: str, impl: str, backward: bool, t: int, args: argparse.Namespace) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", task, impl, str(int(backward)), str(t),
-           "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+           "--repeats", str(args.repeats), "--inner", args.inner]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     if args.malloc_tuned:
@@ -234,23 +233,21 @@ def main() -> None:
     parser.add_argument("--max-t", type=int, default=16384)
     parser.add_argument("--malloc-tuned", action="store_true", help="children keep freed memory (see the doc)")
     parser.add_argument("--sections", default="compare,loop,sweep", help="comma list of compare, loop, sweep")
-    parser.add_argument("--inner", choices=sorted(INNER_MODELS), default=None,
+    parser.add_argument("--inner", choices=sorted(INNER_MODELS), default="default",
                         help="seqzoo's memory: default (x + LN(MLP(x))) or plain (the paper's MLP)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         task, impl, backward, t = args.child
-        print(json.dumps(_child(task, impl, bool(int(backward)), int(t), args.repeats, args.threads)))
+        print(json.dumps(_child(task, impl, bool(int(backward)), int(t), args.repeats, args.threads, args.inner)))
         return
-    if args.inner:
-        os.environ[INNER_ENV] = args.inner
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, B={B} T={T} d={D} heads=1 "
           f"chunk={CHUNK} memory depth={DEPTH} expansion={EXPANSION}; best of {args.repeats} calls x {args.rounds} "
           f"child processes{', malloc tuned' if args.malloc_tuned else ''}; seqzoo inner model: "
-          f"{os.environ.get(INNER_ENV, 'default')}\n")
+          f"{args.inner}\n")
     if "compare" in sections:
         compare(args)
     if "loop" in sections:
