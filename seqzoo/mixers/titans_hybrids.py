@@ -39,6 +39,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from seqzoo.layers.norms import RMSNorm
+from seqzoo.layers.short_conv import ShortConv
 from seqzoo.mixers.attention import Attention, AttentionConfig, AttentionState, attend
 from seqzoo.mixers.base import (
     ConfigError, MixerConfig, State, TokenMixer, get, make_config, register,
@@ -59,9 +60,9 @@ def cast_state(obj: Any, *, dtype: torch.dtype | None, device: torch.device | st
 
 
 def _attention(d_model: int, *, n_heads: int, window: int | None, n_persistent: int, rope_base: float,
-               backend: str) -> Attention:
+               backend: str, conv_size: int | None) -> Attention:
     config = AttentionConfig(n_heads=n_heads, window=window, n_persistent=n_persistent,
-                             rope_base=rope_base, backend=backend)
+                             rope_base=rope_base, backend=backend, conv_size=conv_size)
     return Attention(config, d_model=d_model)
 
 
@@ -77,6 +78,9 @@ class _HybridConfig(MixerConfig):
     n_heads: int = Field(4, ge=1, description="attention heads")
     n_persistent: int = Field(4, ge=0, description="persistent memory tokens N_p (eq. 19)")
     rope_base: float = Field(10000.0, gt=0)
+    attn_conv_size: int | None = Field(
+        None, ge=2, description="short causal depthwise conv on the attention's q, k, v (section 4.4 puts one "
+                                "after every q/k/v projection); None = plain attention")
     memory: dict[str, Any] = Field(default_factory=lambda: {"type": "titans"},
                                    description="the memory: `type` (a registered mixer) + its own settings")
 
@@ -154,7 +158,7 @@ class TitansMAG(_MemoryBranchMixer):
 
     name = "titans_mag"
     Config = MAGConfig
-    test_space = {"n_heads": [1, 2], "window": [1, 3, 8], "n_persistent": [0, 2],
+    test_space = {"n_heads": [1, 2], "window": [1, 3, 8], "n_persistent": [0, 2], "attn_conv_size": [None, 3],
                   "memory": [{"type": "titans", "n_heads": 2, "chunk_size": 4, "expansion": 2},
                              {"type": "titans", "n_heads": 1, "chunk_size": 8, "depth": 1}]}
 
@@ -162,7 +166,7 @@ class TitansMAG(_MemoryBranchMixer):
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
         self.attn = _attention(d_model, n_heads=config.n_heads, window=config.window,
                                n_persistent=config.n_persistent, rope_base=config.rope_base,
-                               backend=config.backend)
+                               backend=config.backend, conv_size=config.attn_conv_size)
         self.memory = _build_memory(config, d_model, layer_idx)
         self.norm_attn = RMSNorm(d_model)
         self.norm_memory = RMSNorm(d_model)
@@ -216,7 +220,8 @@ class TitansMAL(_MemoryBranchMixer):
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
         self.memory = _build_memory(config, d_model, layer_idx)
         self.attn = _attention(d_model, n_heads=config.n_heads, window=config.window, n_persistent=0,
-                               rope_base=config.rope_base, backend=config.backend)
+                               rope_base=config.rope_base, backend=config.backend,
+                               conv_size=config.attn_conv_size)
         self.persistent = (nn.Parameter(torch.randn(config.n_persistent, d_model) * 0.02)
                            if config.n_persistent else None)
 
@@ -267,6 +272,8 @@ class MACState(NamedTuple):
     k_cache: Tensor                      # (B, H, 2C, K) rotated keys of [h ‖ x] of the segment
     v_cache: Tensor                      # (B, H, 2C, K)
     pos: int                             # tokens seen so far
+    x_conv: Tensor | None = None         # (B, 3D, attn_conv_size - 1) attention conv over x's q/k/v
+    h_conv: Tensor | None = None         # (B, 3D, attn_conv_size - 1) attention conv over h's q/k/v
 
 
 @register
@@ -286,7 +293,7 @@ class TitansMAC(TokenMixer):
     name = "titans_mac"
     Config = MACConfig
     backends = ("sdpa",)
-    test_space = {"n_heads": [1, 2], "segment_len": [4, 16], "n_persistent": [0, 2],
+    test_space = {"n_heads": [1, 2], "segment_len": [4, 16], "n_persistent": [0, 2], "attn_conv_size": [None, 3],
                   "memory": [{"type": "titans", "n_heads": 2, "chunk_size": 2, "expansion": 2},
                              {"type": "titans", "n_heads": 1, "chunk_size": 4, "depth": 1}]}
 
@@ -294,7 +301,11 @@ class TitansMAC(TokenMixer):
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
         self.segment_len = config.segment_len
         self.attn = _attention(d_model, n_heads=config.n_heads, window=None, n_persistent=config.n_persistent,
-                               rope_base=config.rope_base, backend=config.backend)
+                               rope_base=config.rope_base, backend=config.backend,
+                               conv_size=config.attn_conv_size)
+        # The read-outs h are a stream of their own: their q/k/v get their own short conv.
+        self.h_conv = (ShortConv(3 * d_model, kernel_size=config.attn_conv_size, activation=None)
+                       if config.attn_conv_size else None)
         self.memory: Titans = _build_memory(config, d_model, layer_idx)
         self.norm_attn = RMSNorm(d_model)
         self.norm_memory = RMSNorm(d_model)
@@ -307,12 +318,19 @@ class TitansMAC(TokenMixer):
         memory = self.memory.init_state(batch_size, device=device, dtype=dtype)
         cache = torch.zeros(batch_size, self.attn.n_heads, 2 * self.segment_len, self.attn.head_dim,
                             device=device, dtype=dtype)
-        return MACState(memory, memory.memory.weights, memory.conv.clone(), cache, cache.clone(), 0)
+        convs = [conv.init_state(batch_size, device=device, dtype=dtype) if conv is not None else None
+                 for conv in (self.attn.conv, self.h_conv)]
+        return MACState(memory, memory.memory.weights, memory.conv.clone(), cache, cache.clone(), 0, *convs)
 
-    def _qkv(self, z: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = rearrange(self.attn.qkv(z), "b t (three h k) -> three b t h k", three=3, h=self.attn.n_heads)
+    def _qkv(self, z: Tensor, offset: int, conv: ShortConv | None, conv_state: Tensor | None
+             ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
+        """(q, k, v) of one stream, each (B, H, n, K), and its conv's new state."""
+        qkv = self.attn.qkv(z)  # (B, n, 3D)
+        if conv is not None:
+            qkv, conv_state = conv(qkv, conv_state)
+        q, k, v = rearrange(qkv, "b t (three h k) -> three b t h k", three=3, h=self.attn.n_heads)
         q, k = self.attn.rotary(q, offset), self.attn.rotary(k, offset)
-        return tuple(rearrange(a, "b t h k -> b h t k") for a in (q, k, v))  # (B, H, n, K)
+        return tuple(rearrange(a, "b t h k -> b h t k") for a in (q, k, v)), conv_state  # (B, H, n, K)
 
     def _segment_piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
         """Tokens at offsets off .. off+n-1 of one segment; x: (B, n, D)."""
@@ -321,8 +339,8 @@ class TitansMAC(TokenMixer):
         # 1) read the memory as it was before the segment: h_j = M*_{s-1}(q_j), no write.
         h, read_conv = self.memory.read(x, state.segment_weights, state.read_conv)
         # 2) causal attention over [P ‖ h ‖ S]: query i sees P, h_j and x_j for j <= i.
-        q, k_x, v_x = self._qkv(x, off)
-        _, k_h, v_h = self._qkv(h, off)
+        (q, k_x, v_x), x_conv = self._qkv(x, off, self.attn.conv, state.x_conv)
+        (_, k_h, v_h), h_conv = self._qkv(h, off, self.h_conv, state.h_conv)
         slots = torch.arange(off, off + n, device=x.device)
         k_cache = state.k_cache.index_copy(2, slots, k_h).index_copy(2, slots + c, k_x)
         v_cache = state.v_cache.index_copy(2, slots, v_h).index_copy(2, slots + c, v_x)
@@ -341,7 +359,7 @@ class TitansMAC(TokenMixer):
         out = self.norm_attn(y) * torch.sigmoid(self.norm_memory(m))
         closes = off + n == c
         segment_weights = memory.memory.weights if closes else state.segment_weights
-        return out, MACState(memory, segment_weights, read_conv, k_cache, v_cache, state.pos + n)
+        return out, MACState(memory, segment_weights, read_conv, k_cache, v_cache, state.pos + n, x_conv, h_conv)
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
         state = state if state is not None else self.default_state(x)
