@@ -18,7 +18,7 @@ GPU = sorted(REPRO.glob("*-gpu*.yaml"))
 
 
 def test_every_cpu_reproduction_has_a_gpu_scale_twin():
-    assert {p.stem for p in CPU} == {"state-tracking", "titans-ablations", "titans-mqar", "titans-mqar-hybrids",
+    assert {p.stem for p in CPU} == {"state-tracking", "titans-ablations", "titans-mqar", "titans-mqar-16pairs", "titans-mqar-hybrids",
                                      "titans-niah", "zoology-mqar"}
     for p in CPU:
         assert any(g.stem.startswith(p.stem + "-gpu") for g in GPU), p.stem
