@@ -30,7 +30,7 @@ odd head dim (RoPE), an unknown / nested memory type, a memory key the memory re
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -253,6 +253,9 @@ class TitansMAL(_MemoryBranchMixer):
 # -- MAC -----------------------------------------------------------------------------------
 class MACConfig(_HybridConfig):
     segment_len: int = Field(64, ge=1, description="segment length C; attention is causal inside a segment")
+    write: Literal["attention_output", "input"] = Field(
+        "attention_output", description="what the memory stores: the attention outputs y (eq. 24, the paper) or "
+                                        "the segment's tokens x (titans-pytorch's choice; an ablation)")
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
@@ -288,12 +291,15 @@ class TitansMAC(TokenMixer):
     The memory is the ``titans`` mixer (the same LMM as every other variant); a read-out h_j
     uses its projections and output head on x_j with the segment-start weights, and becomes a
     token of the attention. Query i sees P, h_j and x_j for j <= i of its own segment only.
+    ``write="input"`` stores the segment's tokens x instead of y (titans-pytorch's choice, an
+    ablation of eq. 24); ``attn_conv_size`` puts a short conv on the q/k/v of both streams.
     The memory, the segment-start weights and the segment's keys are carried across calls."""
 
     name = "titans_mac"
     Config = MACConfig
     backends = ("sdpa",)
     test_space = {"n_heads": [1, 2], "segment_len": [4, 16], "n_persistent": [0, 2], "attn_conv_size": [None, 3],
+                  "write": ["attention_output", "input"],
                   "memory": [{"type": "titans", "n_heads": 2, "chunk_size": 2, "expansion": 2},
                              {"type": "titans", "n_heads": 1, "chunk_size": 4, "depth": 1}]}
 
@@ -354,7 +360,8 @@ class TitansMAC(TokenMixer):
         o = attend(q, keys, values, mask, backend=self.backend)
         y = self.attn.out(rearrange(o, "b h t k -> b t (h k)"))  # (B, n, D)
         # 3) write the attention outputs into the memory; its read-out is m_t = M_t(q_t(y)).
-        m, memory = self.memory(y, state.memory)
+        #    (write="input": the segment's tokens instead, m_t = M_t(q_t(x)).)
+        m, memory = self.memory(y if self.config.write == "attention_output" else x, state.memory)
         # 4) y ⊗ M*(y): both normalised with learnable vector weights, then a sigmoid gate.
         out = self.norm_attn(y) * torch.sigmoid(self.norm_memory(m))
         closes = off + n == c
