@@ -4,9 +4,9 @@ mixer and the generic invariants (causality, chaining, step == forward) check th
 
 * ``titans_mac`` — Memory as a Context (eq. 21-25, figure 3a). Per segment S of length C:
   the segment's queries read the memory *as it was before the segment* (h = M*_{s-1}(q), no
-  write); causal attention over [persistent ‖ h ‖ S]; the attention outputs y are written
-  into the memory by a causal memory pass that also returns its read-out M_t(y_t); the output
-  combines both, o = y ⊗ M_t(y). A read-out h_j comes from x_j, so the attention mask lets
+  write); causal attention over [persistent ‖ h ‖ S]; the attention outputs y (eq. 24; by
+  default the segment's tokens, see below) are written into the memory by a causal memory
+  pass that also returns its read-out; the output combines both, o = y ⊗ M_t(·). A read-out h_j comes from x_j, so the attention mask lets
   position i see h_j and x_j only for j ≤ i (a per-position mask, DESIGN.md section 4).
 * ``titans_mag`` — Memory as a Gate (eq. 26-28, figure 3b): sliding-window attention whose
   persistent prefix stays visible, in parallel with the memory over [persistent ‖ x];
@@ -22,6 +22,23 @@ MAC's memory must be the ``titans`` mixer: besides writing and reading it (its f
 reads it *without writing*, with the segment-start weights, through its projections and
 output head and ``seqzoo.ops.titans.memory_read``. All four variants therefore share one
 memory module (DESIGN.md 5.9), as the paper's comparison assumes.
+
+MAC's defaults by measurement (MQAR, 4 pairs in 64 tokens, d 64, 2 layers, 1000 steps of 64,
+seed 0; ``recipes/reproduce/titans-mqar-hybrids.yaml``; held-out accuracy at steps 300 / 1000):
+
+| MAC variant | step 300 | step 1000 |
+|---|---:|---:|
+| the paper's eq. 21-25 (writes y, attention without conv) | 0.30 | 0.291 |
+| + short conv on the attention's q, k, v (section 4.4) | 0.31 | 0.716 |
+| + conv, the memory writes the segment's tokens x | 0.46 | see the default row of the reproduction |
+
+Written as eq. 24 says, the memory stores the attention outputs y, which at initialisation are
+running averages over the segment, so the keys it writes cannot yet be told apart, and the
+recall path needs the attention, the memory's keys (on y) and its queries (on x) to align at
+once; the model sits on the 0.3 plateau (one of the four values in context). The conv lets
+attention recall inside a segment and lifts it to 0.72; storing the tokens themselves — what
+titans-pytorch's MAC does — makes the memory's keys and queries come from one stream and
+reaches 0.97 by step 400. The paper's write stays one key away (``write: attention_output``).
 
 Settings that cannot work are ConfigErrors naming the key: heads not dividing d_model or an
 odd head dim (RoPE), an unknown / nested memory type, a memory key the memory rejects
@@ -252,10 +269,17 @@ class TitansMAL(_MemoryBranchMixer):
 
 # -- MAC -----------------------------------------------------------------------------------
 class MACConfig(_HybridConfig):
+    """MAC's defaults were chosen by measurement (module doc): a short conv on the attention's
+    q, k, v and the memory writing the segment's tokens; the paper's eq. 24 is
+    ``write: attention_output``."""
+
     segment_len: int = Field(64, ge=1, description="segment length C; attention is causal inside a segment")
+    attn_conv_size: int | None = Field(
+        4, ge=2, description="short causal depthwise conv on the attention's q, k, v of both streams (section 4.4 "
+                             "puts one after every q/k/v projection); None = plain attention")
     write: Literal["attention_output", "input"] = Field(
-        "attention_output", description="what the memory stores: the attention outputs y (eq. 24, the paper) or "
-                                        "the segment's tokens x (titans-pytorch's choice; an ablation)")
+        "input", description="what the memory stores: the segment's tokens x (titans-pytorch's choice, the "
+                             "default by measurement) or the attention outputs y (eq. 24, the paper)")
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
@@ -286,6 +310,7 @@ class TitansMAC(TokenMixer):
         h = M*_{s-1}(q(S))                         read the memory before the segment, no write
         y = Attn([P ‖ h ‖ S])                      causal, per-position mask over h
         m = M(y): the memory pass over y           writes y (eq. 24); m_t = M_t(q_t(y)), causal
+                                                   (default write="input": over x instead)
         o = RMSNorm(y) ⊙ σ(RMSNorm(m))             y ⊗ M*(y), eq. 25
 
     The memory is the ``titans`` mixer (the same LMM as every other variant); a read-out h_j

@@ -66,7 +66,8 @@ def _softmax_attend(q, keys, values):
 
 
 def literal_mac(mac, x: torch.Tensor, *, write_first: bool = False) -> torch.Tensor:
-    """Titans eq. 21-25 segment by segment and query by query, from the initial state.
+    """Titans eq. 21-25 segment by segment and query by query, from the initial state (with
+    the mixer's ``write`` and ``attn_conv_size``).
     ``write_first`` swaps the order (write the segment, then read): a wrong MAC, used to
     show the comparison can fail."""
     mem, attn, c = mac.memory, mac.attn, mac.segment_len
@@ -74,7 +75,7 @@ def literal_mac(mac, x: torch.Tensor, *, write_first: bool = False) -> torch.Ten
     cfg = mem.config
     q_read = _project(mem, x)[0]
     state = init_state(_initial_weights(mem, b))
-    ys, outs = [], []
+    ys, hs, outs = [], [], []
     for lo in range(0, t, c):
         seg = x[:, lo:lo + c]
         n = seg.shape[1]
@@ -88,8 +89,13 @@ def literal_mac(mac, x: torch.Tensor, *, write_first: bool = False) -> torch.Ten
         else:
             weights = state.weights  # M_{s-1}: the memory before this segment
         h = _head(mem, memory_read(weights, q_read[:, lo:lo + n], **_options(mem)), seg)  # (B, n, D)
-        qx, kx, vx = rearrange(attn.qkv(seg), "b t (g h k) -> g b t h k", g=3, h=attn.n_heads)
-        _, kh, vh = rearrange(attn.qkv(h), "b t (g h k) -> g b t h k", g=3, h=attn.n_heads)
+        hs.append(h)
+        # q/k/v of the x and h streams (each through its short conv over the whole stream so far)
+        qkv_x, qkv_h = attn.qkv(x[:, :lo + n]), attn.qkv(torch.cat(hs, 1))  # (B, lo + n, 3D)
+        if attn.conv is not None:
+            qkv_x, qkv_h = attn.conv(qkv_x)[0], mac.h_conv(qkv_h)[0]
+        qx, kx, vx = rearrange(qkv_x[:, lo:], "b t (g h k) -> g b t h k", g=3, h=attn.n_heads)
+        _, kh, vh = rearrange(qkv_h[:, lo:], "b t (g h k) -> g b t h k", g=3, h=attn.n_heads)
         qx, kx, kh = attn.rotary(qx), attn.rotary(kx), attn.rotary(kh)  # positions inside the segment
         y = []
         for i in range(n):  # query i: [P ‖ h_0..h_i ‖ x_0..x_i]
@@ -104,18 +110,24 @@ def literal_mac(mac, x: torch.Tensor, *, write_first: bool = False) -> torch.Ten
             y.append(rearrange(_softmax_attend(qx[:, i], keys, values), "b h k -> b (h k)"))
         y = attn.out(torch.stack(y, 1))  # (B, n, D)
         ys.append(y)
-        # write y: the projections of the whole y stream so far, the new segment's part
-        q, k, v, th, et, al = (z[:, lo:lo + n] for z in _project(mem, torch.cat(ys, 1)))
+        # write y (eq. 24) or, with write="input", the segment's tokens: the projections of the
+        # whole written stream so far, the new segment's part
+        written = torch.cat(ys, 1) if mac.config.write == "attention_output" else x[:, :lo + n]
+        q, k, v, th, et, al = (z[:, lo:lo + n] for z in _project(mem, written))
         o, state = titans_memory_naive(q, k, v, th, et, al, None, chunk_size=cfg.chunk_size,
                                        initial_state=state, output_final_state=True,
                                        max_grad_norm=cfg.max_grad_norm, **_options(mem))
-        m = _head(mem, o, y)
+        m = _head(mem, o, written[:, lo:lo + n])
         outs.append(mac.norm_attn(y) * torch.sigmoid(mac.norm_memory(m)))
     return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("params", [
     dict(n_heads=2, segment_len=4, n_persistent=2, memory=MEMORY),
+    # the paper's eq. 24 (the memory writes the attention outputs), with and without the conv
+    dict(n_heads=2, segment_len=4, n_persistent=2, write="attention_output", attn_conv_size=None, memory=MEMORY),
+    dict(n_heads=1, segment_len=6, n_persistent=1, write="attention_output", attn_conv_size=3,
+         memory={**MEMORY, "chunk_size": 3}),
     dict(n_heads=1, segment_len=6, n_persistent=0, memory={**MEMORY, "chunk_size": 3, "depth": 1}),
     dict(n_heads=2, segment_len=4, n_persistent=3, memory={**MEMORY, "chunk_size": 2, "conv": False}),
     # the paper's value path, no L2 norm, a LayerNorm + residual inner model, a binding grad clip
