@@ -232,6 +232,7 @@ def _pick_best(runs: list[RunResult], headline: str) -> int | None:
 
 
 RUN_RECORD = "compare_run.json"  # written beside each finished run's checkpoints
+RESOLVED_RECORD = "resolved_model.json"  # the model it trained, after the library's defaults (see resolved_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +259,43 @@ class _Job:
         return d / f"seed-{seed}" if self.seed_dirs else d
 
 
-def _checkpoint_of(run_dir: Path, recipe: Recipe) -> tuple[Path, int] | None:
-    """The latest complete checkpoint of exactly this recipe in ``run_dir``, and its step."""
+def resolved_model(recipe: Recipe) -> dict[str, Any]:
+    """What a reused run must match beyond its recipe: every layer's mixer settings after the
+    library's defaults, and every parameter's name and shape. A recipe that leaves a setting
+    out picks up the library's default, so when a default changes the same recipe builds a
+    different model, which must be trained, not reused. Built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = LanguageModel(recipe)
+    layers = [{"type": block.mixer.name, **block.mixer.config.model_dump(mode="json")} for block in model.blocks]
+    return {"layers": layers, "params": {n: list(p.shape) for n, p in model.state_dict().items()}}
+
+
+def _same_model(run_dir: Path, checkpoint: Path, recipe: Recipe) -> bool:
+    """The run in ``run_dir`` was trained with the model ``recipe`` builds today: its recorded
+    resolved settings match or, for a run without the record (interrupted, or older than it),
+    the checkpoint holds exactly the parameter names and shapes of today's model."""
+    from safetensors import safe_open
+
+    now = resolved_model(recipe)
+    record = run_dir / RESOLVED_RECORD
+    if record.exists():
+        return json.loads(record.read_text()) == now
+    weights = checkpoint / "model.safetensors"
+    if not weights.exists():
+        return False
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    return saved == {k: v for k, v in now["params"].items() if k in saved} and set(saved) >= _untied(now["params"])
+
+
+def _untied(params: dict[str, list[int]]) -> set[str]:
+    # A tied head is saved once (as the embedding): only names other than the tied head must be present.
+    return {k for k in params if k != "head.weight"}
+
+
+def _checkpoint_of(run_dir: Path, recipe: Recipe, echo: Callable[[str], None] | None = None
+                   ) -> tuple[Path, int] | None:
+    """The latest complete checkpoint of exactly this recipe and model in ``run_dir``, and its step."""
     from seqzoo.train import checkpoint as ckpt
 
     latest = ckpt.latest_checkpoint(run_dir)
@@ -268,16 +304,20 @@ def _checkpoint_of(run_dir: Path, recipe: Recipe) -> tuple[Path, int] | None:
     state = ckpt.read_state(latest)
     if state.get("recipe") != recipe.model_dump(mode="json"):
         return None
+    if not _same_model(run_dir, latest, recipe):
+        if echo is not None:
+            echo(f"{run_dir}: same recipe, but the library's defaults now build a different model: retraining")
+        return None
     return latest, int(state.get("step", -1))
 
 
-def _reuse(run_dir: Path, recipe: Recipe) -> tuple[RunResult, Any] | None:
+def _reuse(run_dir: Path, recipe: Recipe, echo: Callable[[str], None] | None = None) -> tuple[RunResult, Any] | None:
     """A finished run of exactly this recipe (same model, task, training, lr and seed), if
     any: its recorded throughput and its final weights (``final_eval`` is measured again by
     the caller, on the same batches as every other run)."""
     from seqzoo.train import checkpoint as ckpt
 
-    found = _checkpoint_of(run_dir, recipe)
+    found = _checkpoint_of(run_dir, recipe, echo)
     if found is None or found[1] != recipe.train.steps:
         return None
     model = LanguageModel(recipe)
@@ -314,10 +354,12 @@ def _train_one(job: _Job, recipe: Recipe, run_dir: Path, echo: Callable[[str], N
         res = train(recipe, out_dir=run_dir, resume=True, progress=job.progress, device=job.device, plot=False)
     else:
         echo(f"{tag} -> {run_dir}")
+        (run_dir / RESOLVED_RECORD).unlink(missing_ok=True)  # a fresh run: the old record does not describe it
         res = train(recipe, out_dir=run_dir, overwrite=True, progress=job.progress, device=job.device, plot=False)
     run = RunResult(lr=lr, out_dir=str(run_dir), wall_time_s=res.wall_time_s, tokens_per_s=res.tokens_per_s,
                     peak_memory_mb=res.peak_memory_growth_mb, seed=seed)
     (run_dir / RUN_RECORD).write_text(json.dumps(dataclasses.asdict(run), indent=1))
+    (run_dir / RESOLVED_RECORD).write_text(json.dumps(resolved_model(recipe), indent=1))
     return run, res.model
 
 
@@ -347,7 +389,7 @@ def _run_model(job: _Job, echo: Callable[[str], None] = print) -> ModelResult:
                 update={"lr": lr, "seed": seed, "device": job.device})})
             run_dir = job.run_dir(lr, seed)
             tag = f"[{job.label}] lr={lr:g}" + (f" seed={seed}" if job.seed_dirs else "")
-            reused = _reuse(run_dir, run_recipe) if job.reuse else None
+            reused = _reuse(run_dir, run_recipe, echo) if job.reuse else None
             if reused is not None:
                 echo(f"{tag} reused from {run_dir}")
                 run, model = reused

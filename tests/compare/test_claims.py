@@ -198,6 +198,48 @@ def test_reuse_resumes_an_interrupted_run_exactly(sweep_file, tmp_path):
         assert after.by_seq_len == before.by_seq_len
 
 
+def test_reuse_retrains_when_the_library_defaults_build_another_model(sweep_file, tmp_path, monkeypatch):
+    """The same recipe is not the same model when a default it leaves out has changed: such a
+    run is trained again, never loaded into (or reported as) a different model."""
+    from seqzoo.compare import runner
+    from seqzoo.train import checkpoint as ckpt
+
+    path = sweep_file()
+    out = tmp_path / "out"
+    first = run_sweep(path, out_dir=out, progress=False, echo=lambda _: None)
+    run_dir = Path(first.models[0].best_run.out_dir)  # `attn`, whose recipe names no conv_size
+    record = json.loads((run_dir / "resolved_model.json").read_text())
+    assert record["layers"][0]["type"] == "attention" and record["layers"][0]["conv_size"] is None
+
+    resolved = runner.resolved_model
+
+    def new_default(recipe):  # as if attention's conv_size defaulted to 4 from now on
+        now = resolved(recipe)
+        for layer in now["layers"]:
+            if layer["type"] == "attention":
+                layer["conv_size"] = 4
+        return now
+
+    monkeypatch.setattr(runner, "resolved_model", new_default)
+    said: list[str] = []
+    run_sweep(path, out_dir=out, progress=False, reuse=True, echo=said.append)
+    assert any("defaults now build a different model: retraining" in s for s in said), said
+    assert not any("[attn]" in s and ("reused" in s or "resumed" in s) for s in said), said
+    assert any("[ret]" in s and "reused" in s for s in said), said  # retnet's model did not change
+    assert json.loads((run_dir / "resolved_model.json").read_text())["layers"][0]["conv_size"] == 4
+
+    # A run without the record (interrupted, or older than it): the checkpoint's parameter
+    # names and shapes must be today's model's.
+    monkeypatch.setattr(runner, "resolved_model", resolved)
+    (run_dir / "resolved_model.json").unlink()
+    latest = ckpt.latest_checkpoint(run_dir)
+    recipe = runner.Recipe.model_validate(ckpt.read_state(latest)["recipe"])
+    assert runner._same_model(run_dir, latest, recipe)
+    conv = recipe.model_copy(update={"model": recipe.model.model_copy(update={"mixers": {
+        "m": {"type": "attention", "n_heads": 2, "conv_size": 4}}})})
+    assert not runner._same_model(run_dir, latest, conv)  # the conv's weights are not in the checkpoint
+
+
 def test_pick_best_prefers_learning_rates_where_every_seed_finished():
     runs = [RunResult(lr=1e-3, out_dir="", final_eval={"accuracy": 0.6}, seed=0),
             RunResult(lr=1e-3, out_dir="", final_eval={"accuracy": 0.5}, seed=1),
