@@ -43,6 +43,14 @@ the LayerNorm alone 1.00 from step 250, both together solve it (1.00 from step 2
 chunk 64 they reach 0.68 at step 400). The linear memory (depth 1, chunk 16) solves it
 without either. The paper's exact memory is given below.
 
+Open (measured, not yet a default): on MQAR with 16 pairs in 128 tokens
+(``recipes/reproduce/titans-mqar-16pairs.yaml``, 3 seeds) this default memory learns recall
+far more slowly than TTT-Linear (0.30 / 0.83 / 0.83 vs 0.99 / 0.99 / 1.00 after 1000 steps).
+With ``init_scale: 2.0`` it reaches 0.99 / 1.00 / 0.98. A linear memory reaches 0.99 by step
+600 (seed 0), and momentum off 0.72 by step 400 where the default is at 0.11. The deep
+memory's small initial features appear to make its writes weak. Changing the default waits for
+the whole reproduction suite.
+
 Ablation switches (the paper's table 5): ``linear_memory`` (L_M = 1), ``conv=False``,
 ``momentum=False`` (eta = 0), ``forgetting=False`` (alpha = 0). Persistent memory belongs to
 the hybrid blocks (MAC / MAG / MAL), not to this mixer. The paper's exact memory is
