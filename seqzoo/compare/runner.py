@@ -273,8 +273,9 @@ def resolved_model(recipe: Recipe) -> dict[str, Any]:
 def _same_model(run_dir: Path, checkpoint: Path, recipe: Recipe) -> bool:
     """The run in ``run_dir`` was trained with the model ``recipe`` builds today: its recorded
     resolved settings match or, for a run without the record (interrupted, or older than it),
-    the checkpoint holds exactly the parameter names and shapes of today's model."""
-    from safetensors import safe_open
+    the checkpoint holds exactly the parameter names and shapes of today's model (a tied head
+    is saved under its own name too)."""
+    from seqzoo.train.safetensors_header import read_header
 
     now = resolved_model(recipe)
     record = run_dir / RESOLVED_RECORD
@@ -283,14 +284,7 @@ def _same_model(run_dir: Path, checkpoint: Path, recipe: Recipe) -> bool:
     weights = checkpoint / "model.safetensors"
     if not weights.exists():
         return False
-    with safe_open(str(weights), framework="pt") as f:
-        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    return saved == {k: v for k, v in now["params"].items() if k in saved} and set(saved) >= _untied(now["params"])
-
-
-def _untied(params: dict[str, list[int]]) -> set[str]:
-    # A tied head is saved once (as the embedding): only names other than the tied head must be present.
-    return {k for k in params if k != "head.weight"}
+    return {k: list(e.shape) for k, e in read_header(weights).items()} == now["params"]
 
 
 def _checkpoint_of(run_dir: Path, recipe: Recipe, echo: Callable[[str], None] | None = None
