@@ -87,16 +87,17 @@ class Attention(TokenMixer):
         conv = self.conv.init_state(batch_size, device=device, dtype=dtype) if self.conv is not None else None
         return AttentionState(empty, empty.clone(), 0, conv)
 
-    def _project(self, x: Tensor, offset: int, conv: Tensor | None = None
-                 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
-        """(q, k, v) each (B, H, T, K), rotated from absolute position ``offset``, and the
-        conv's new state (None without the conv)."""
+    def project(self, x: Tensor, offset: int, conv: ShortConv | None, conv_state: Tensor | None
+                ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
+        """(q, k, v) each (B, H, T, K), rotated from absolute position ``offset``, with ``conv``
+        over the projections (this module's own, or a hybrid's for another stream), and the
+        conv's new state (None without a conv)."""
         qkv = self.qkv(x)  # (B, T, 3D)
-        if self.conv is not None:
-            qkv, conv = self.conv(qkv, conv)
+        if conv is not None:
+            qkv, conv_state = conv(qkv, conv_state)
         q, k, v = rearrange(qkv, "b t (three h k) -> three b t h k", three=3, h=self.n_heads)
         q, k = self.rotary(q, offset), self.rotary(k, offset)
-        return tuple(rearrange(z, "b t h k -> b h t k") for z in (q, k, v)), conv  # (B, H, T, K)
+        return tuple(rearrange(z, "b t h k -> b h t k") for z in (q, k, v)), conv_state  # (B, H, T, K)
 
     def _persistent_kv(self, batch: int) -> tuple[Tensor, Tensor] | None:
         if self.persistent is None:
@@ -121,7 +122,7 @@ class Attention(TokenMixer):
         state = state if state is not None else self.default_state(x)
         b, t, _ = x.shape
         pos = state.pos
-        (q, k, v), conv = self._project(x, pos, state.conv)
+        (q, k, v), conv = self.project(x, pos, self.conv, state.conv)
         k_past, v_past, p_past = self._past(state)
         keys, values = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)  # (B, H, S, K)
         key_pos = torch.cat([p_past, torch.arange(pos, pos + t, device=x.device)])

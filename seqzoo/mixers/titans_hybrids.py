@@ -6,8 +6,9 @@ mixer and the generic invariants (causality, chaining, step == forward) check th
   the segment's queries read the memory *as it was before the segment* (h = M*_{s-1}(q), no
   write); causal attention over [persistent ‖ h ‖ S]; the attention outputs y (eq. 24; by
   default the segment's tokens, see below) are written into the memory by a causal memory
-  pass that also returns its read-out; the output combines both, o = y ⊗ M_t(·). A read-out h_j comes from x_j, so the attention mask lets
-  position i see h_j and x_j only for j ≤ i (a per-position mask, DESIGN.md section 4).
+  pass that also returns its read-out; the output combines both, o = y ⊗ M_t(·). A read-out
+  h_j comes from x_j, so the attention mask lets position i see h_j and x_j only for j ≤ i
+  (a per-position mask, DESIGN.md section 4).
 * ``titans_mag`` — Memory as a Gate (eq. 26-28, figure 3b): sliding-window attention whose
   persistent prefix stays visible, in parallel with the memory over [persistent ‖ x];
   outputs normalised with learnable vector weights and combined by o = ŷ ⊙ σ(m̂).
@@ -362,16 +363,6 @@ class TitansMAC(TokenMixer):
                  for conv in (self.attn.conv, self.h_conv)]
         return MACState(memory, memory.memory.weights, memory.conv.clone(), cache, cache.clone(), 0, *convs)
 
-    def _qkv(self, z: Tensor, offset: int, conv: ShortConv | None, conv_state: Tensor | None
-             ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
-        """(q, k, v) of one stream, each (B, H, n, K), and its conv's new state."""
-        qkv = self.attn.qkv(z)  # (B, n, 3D)
-        if conv is not None:
-            qkv, conv_state = conv(qkv, conv_state)
-        q, k, v = rearrange(qkv, "b t (three h k) -> three b t h k", three=3, h=self.attn.n_heads)
-        q, k = self.attn.rotary(q, offset), self.attn.rotary(k, offset)
-        return tuple(rearrange(a, "b t h k -> b h t k") for a in (q, k, v)), conv_state  # (B, H, n, K)
-
     def _segment_piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
         """Tokens at offsets off .. off+n-1 of one segment; x: (B, n, D)."""
         b, n, _ = x.shape
@@ -379,8 +370,8 @@ class TitansMAC(TokenMixer):
         # 1) read the memory as it was before the segment: h_j = M*_{s-1}(q_j), no write.
         h, read_conv = self.memory.read(x, state.segment_weights, state.read_conv)
         # 2) causal attention over [P ‖ h ‖ S]: query i sees P, h_j and x_j for j <= i.
-        (q, k_x, v_x), x_conv = self._qkv(x, off, self.attn.conv, state.x_conv)
-        (_, k_h, v_h), h_conv = self._qkv(h, off, self.h_conv, state.h_conv)
+        (q, k_x, v_x), x_conv = self.attn.project(x, off, self.attn.conv, state.x_conv)  # (B, H, n, K)
+        (_, k_h, v_h), h_conv = self.attn.project(h, off, self.h_conv, state.h_conv)
         slots = torch.arange(off, off + n, device=x.device)
         k_cache = state.k_cache.index_copy(2, slots, k_h).index_copy(2, slots + c, k_x)
         v_cache = state.v_cache.index_copy(2, slots, v_h).index_copy(2, slots + c, v_x)
