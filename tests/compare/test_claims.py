@@ -268,3 +268,17 @@ def test_many_models_are_plotted_in_family_panels(tmp_path):
     assert [t for t, _ in panels] == ["attention", "Titans", "SSM (Mamba)"]
     assert sum(len(ls) for _, ls in panels) == 14
     assert _panels(C, ["m0", "m1"]) == [("", ["m0", "m1"])]
+
+
+SHIPPED_SWEEPS = sorted(p for d in ("compare", "reproduce") for p in (ROOT / "recipes" / d).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sweep_path", SHIPPED_SWEEPS, ids=lambda p: p.stem)
+def test_the_resolved_model_of_every_shipped_sweep_builds(sweep_path):
+    """--reuse records every run's resolved model, built on the meta device; a task that
+    computes its vocabulary with tensors (S5's multiplication table) must not be built there."""
+    from seqzoo.compare import runner
+
+    for _, _, recipe in runner.build_recipes(load_sweep(sweep_path), sweep_path, smoke=True):
+        resolved = runner.resolved_model(recipe)
+        assert resolved["params"]["embed.weight"][0] == recipe.vocab_size()
