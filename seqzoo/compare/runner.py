@@ -464,9 +464,15 @@ def run_sweep(path: str | Path, *, out_dir: str | Path | None = None, smoke: boo
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            models = list(pool.map(_run_model, todo))
+        try:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                models = list(pool.map(_run_model, todo))
+        except BrokenProcessPool as err:  # a worker was killed (a signal, or out of memory): the pool is gone
+            raise SeqzooError(f"{path}: a worker process of --jobs {jobs} died ({err}); the runs that finished "
+                              f"are kept in {out}: run the same command with --reuse to continue (or fewer "
+                              f"--jobs if memory ran out)") from err
     compare = CompareResult(sweep=sweep, sweep_path=str(path), out_dir=out, headline=headline,
                             metrics=task.metrics, seq_lens=seq_lens, train_seq_len=train_seq_len, models=models,
                             smoke=smoke, device=str(dev), data_fingerprint=fingerprint,

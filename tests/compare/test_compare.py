@@ -167,3 +167,30 @@ def test_cli_compare_bad_sweep_exits_2(tmp_path, capsys):
     assert main(["compare", str(bad), "--smoke"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "s.yaml: task" in err and "Traceback" not in err
+
+
+def test_a_killed_worker_says_how_to_continue(tmp_path, models, monkeypatch):
+    """A worker of --jobs killed mid-sweep (a signal, the OOM killer) breaks the whole pool:
+    the error names the sweep, keeps the finished runs and says to continue with --reuse."""
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    from seqzoo.errors import SeqzooError
+
+    class KilledPool:  # the pool as it is once the OS has killed one of its workers
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+        def map(self, fn, jobs):
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", KilledPool)
+    sweep_path = _sweep(tmp_path, models)
+    with pytest.raises(SeqzooError, match=r"sweep\.yaml: a worker process of --jobs 2 died .*--reuse"):
+        run_sweep(sweep_path, out_dir=tmp_path / "out", smoke=True, progress=False, jobs=2)
