@@ -264,10 +264,8 @@ def resolved_model(recipe: Recipe) -> dict[str, Any]:
     library's defaults, and every parameter's name and shape. A recipe that leaves a setting
     out picks up the library's default, so when a default changes the same recipe builds a
     different model, which must be trained, not reused. Built on the meta device (no memory)."""
-    # The vocabulary first, on real tensors: a task may compute it (S5's multiplication table).
-    spec = recipe.model.model_copy(update={"vocab_size": recipe.vocab_size()})
     with torch.device("meta"):
-        model = LanguageModel(recipe.model_copy(update={"model": spec}))
+        model = LanguageModel(recipe)
     layers = [{"type": block.mixer.name, **block.mixer.config.model_dump(mode="json")} for block in model.blocks]
     return {"layers": layers, "params": {n: list(p.shape) for n, p in model.state_dict().items()}}
 

@@ -81,7 +81,9 @@ class Parity(Task):
 
 def permutations(n: int) -> Tensor:
     """All permutations of range(n) in lexicographic order: (n!, n); row 0 is the identity."""
-    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
+    # On the CPU whatever the default device: the table is data, and a model built on the
+    # meta device (parameter counts, the memory budget) asks for the vocabulary it gives.
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long, device="cpu")
 
 
 def multiplication_table(perms: Tensor) -> Tensor:
@@ -91,7 +93,7 @@ def multiplication_table(perms: Tensor) -> Tensor:
     # composed[a, b, i] = perms[a, perms[b, i]]  # (n!, n!, n)
     index = {tuple(p): i for i, p in enumerate(perms.tolist())}
     flat = composed.reshape(count * count, -1).tolist()  # (n!·n!, n)
-    return torch.tensor([index[tuple(row)] for row in flat], dtype=torch.long).view(count, count)
+    return torch.tensor([index[tuple(row)] for row in flat], dtype=torch.long, device=perms.device).view(count, count)
 
 
 @register_task

@@ -86,3 +86,19 @@ def test_parity_last_position_scoring_and_scaled_accuracy():
         assert "min_seq_len" in str(err)
     else:
         raise AssertionError("min_seq_len > seq_len was accepted")
+
+
+def test_s5_trains_a_model_counted_on_the_meta_device(tmp_path):
+    """The vocabulary (120) comes from the table; the trainer's memory budget and the compare
+    runner build the model on the meta device to count it, which must not reach the table."""
+    import seqzoo
+    from seqzoo.train.loop import train
+
+    with torch.device("meta"):
+        assert build_task({"type": "s5", "seq_len": 8}).vocab_size == 120
+    recipe = seqzoo.recipe_from_dict({
+        "name": "s5-tiny", "model": {"d_model": 16, "n_layers": 1, "mixers": {"m": {"type": "attention", "n_heads": 2}}},
+        "task": {"type": "s5", "seq_len": 8},
+        "train": {"steps": 2, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "warmup_steps": 1}})
+    result = train(recipe, out_dir=tmp_path, progress=False, plot=False)
+    assert result.model.vocab_size == 120
