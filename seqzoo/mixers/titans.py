@@ -55,6 +55,12 @@ L2 norm. With scale 2 (seed 0) the other reproductions' LMM is unchanged or bett
 at 128-1024 tokens, 4-pair MQAR 0.9995 (vs 1.000), the byte-level LM of ``titans-ablations``
 2.9625 bpb (vs 3.0672); the reproductions at scale 3 are in ``docs/results/``.
 
+Open (measured, seed 0): at scale 3 the S-NIAH memory generalises less far (accuracy 1.000 at
+128-512 tokens, 0.754 at 1024, where scales 1 and 2 keep 1.000); scale 2 with unnormalised q, k
+keeps 0.988 at 1024 and reaches 0.991 / 0.999 / 0.997 on the 16-pair MQAR, scale 2 with
+``init_momentum: 0.1`` keeps 1.000 but reaches 0.979 (seed 0). Which default serves both waits
+for three seeds of S-NIAH.
+
 Ablation switches (the paper's table 5): ``linear_memory`` (L_M = 1), ``conv=False``,
 ``momentum=False`` (eta = 0), ``forgetting=False`` (alpha = 0). Persistent memory belongs to
 the hybrid blocks (MAC / MAG / MAL), not to this mixer. The paper's exact memory is
