@@ -48,6 +48,11 @@ during training, seed 0, steps 300 / 400 / 600): MAG learns the same with it (0.
 (0.30 / 0.30 / 0.30, still on the plateau at step 600) than without (0.30 / 0.32 / 0.94), for
 a reason not yet understood.
 
+Open: MAL's escape from that plateau depends on the seed (``titans-mqar-hybrids``, held-out
+accuracy at step 1000): with the memory's default M_0 scale 3 seeds 0 and 2 stay on it (0.29,
+0.31) and seed 1 leaves it at step 600 (0.98); at scale 1 seed 0 leaves it at step 500 (0.99) and
+seed 2 stays (0.30 at step 800). MAC and MAG reach 0.9995 on seed 0.
+
 Settings that cannot work are ConfigErrors naming the key: heads not dividing d_model or an
 odd head dim (RoPE), an unknown / nested memory type, a memory key the memory rejects
 (``memory.<key>``), and for MAC a memory chunk that does not divide the segment.
