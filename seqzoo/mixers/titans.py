@@ -51,9 +51,10 @@ by step 400 where scale 1 is at 0.11: the deep memory's small initial features m
 weak. Scale 2 gives 0.99 / 0.89 / 0.99 (seed 1 escapes the 0.1 plateau late), scale 3 0.999 /
 0.997 / 0.996 (held-out accuracy during training; the report's mean 0.997 +- 0.001). At scale 2
 unnormalised q, k (0.999) or a lower initial momentum (``init_momentum: 0.1``, 0.994) lift the
-hard seed 1 as much; scale 3 keeps the paper's L2 norm and momentum. With scale 2 (seed 0) the other reproductions' LMM is unchanged or better: S-NIAH 1.000
-at 128-1024 tokens, 4-pair MQAR 0.9995 (vs 1.000), the byte-level LM of ``titans-ablations``
-2.9625 bpb (vs 3.0672); the reproductions at scale 3 are in ``docs/results/``.
+hard seed 1 as much; scale 3 keeps the paper's L2 norm and momentum. With scale 2 (seed 0)
+the other reproductions' LMM is unchanged or better: S-NIAH 1.000 at 128-1024 tokens, 4-pair
+MQAR 0.9995 (vs 1.000), the byte-level LM of ``titans-ablations`` 2.9625 bpb (vs 3.0672); the
+reproductions at scale 3 are in ``docs/results/``.
 
 On S-NIAH at scale 3 (the ``titans-niah`` task) seeds 1 and 2 retrieve at 1.000 at 128-1024
 tokens; seed 0 reaches 1.000 at 128-512 and 0.754 at 1024 (scales 1 and 2 kept 1.000 on seed

@@ -13,7 +13,7 @@ import yaml
 from seqzoo.cli import main
 from seqzoo.compare import load_sweep, run_sweep
 from seqzoo.compare.runner import _pick_best, RunResult, build_recipes, data_fingerprint, higher_is_better
-from seqzoo.errors import RecipeError
+from seqzoo.errors import RecipeError, SeqzooError
 from seqzoo.tasks import build_task
 from seqzoo.train.loop import TrainingDiverged
 
@@ -174,8 +174,6 @@ def test_a_killed_worker_says_how_to_continue(tmp_path, models, monkeypatch):
     the error names the sweep, keeps the finished runs and says to continue with --reuse."""
     import concurrent.futures
     from concurrent.futures.process import BrokenProcessPool
-
-    from seqzoo.errors import SeqzooError
 
     class KilledPool:  # the pool as it is once the OS has killed one of its workers
         def __init__(self, *args, **kwargs) -> None:

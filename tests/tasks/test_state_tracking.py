@@ -97,7 +97,8 @@ def test_s5_trains_a_model_counted_on_the_meta_device(tmp_path):
     with torch.device("meta"):
         assert build_task({"type": "s5", "seq_len": 8}).vocab_size == 120
     recipe = seqzoo.recipe_from_dict({
-        "name": "s5-tiny", "model": {"d_model": 16, "n_layers": 1, "mixers": {"m": {"type": "attention", "n_heads": 2}}},
+        "name": "s5-tiny",
+        "model": {"d_model": 16, "n_layers": 1, "mixers": {"m": {"type": "attention", "n_heads": 2}}},
         "task": {"type": "s5", "seq_len": 8},
         "train": {"steps": 2, "batch_size": 2, "eval_every": 2, "eval_batches": 1, "warmup_steps": 1}})
     result = train(recipe, out_dir=tmp_path, progress=False, plot=False)
