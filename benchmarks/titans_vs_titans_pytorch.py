@@ -3,6 +3,11 @@
     python benchmarks/titans_vs_titans_pytorch.py [--rounds 3] [--threads N] [--max-t 16384]
     python benchmarks/titans_vs_titans_pytorch.py --sections sweep --malloc-tuned
     python benchmarks/titans_vs_titans_pytorch.py --sections compare --inner plain   # the paper's plain MLP memory
+    # a speed regression check: seqzoo at another commit timed in the same run, e.g. the code
+    # issue 11 started from, whose only (default) memory was the plain MLP
+    git worktree add ../seqzoo-base 3bbeddb
+    python benchmarks/titans_vs_titans_pytorch.py --sections compare --inner plain \
+        --baseline ../seqzoo-base --baseline-inner default
 
 Config (issue 3): B 2, T 1024, d 256, one head of 256, chunk 64, memory MLP depth 2 x
 expansion 4. seqzoo: the ``titans`` mixer (projections, conv, gates, memory as its default
@@ -24,6 +29,10 @@ resident set over one call, also in a fresh child.
 (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_): tensors of 32 MB and more are otherwise
 mapped afresh on every call, which at T = 16K costs page faults in any PyTorch model.
 
+``--baseline DIR`` also times the seqzoo package of another checkout DIR (its children import
+seqzoo from DIR), alternating with the others, and prints a table of this checkout vs that one.
+``--baseline-inner`` picks its memory (``default``: that checkout's own default).
+
 Prints markdown tables: tokens/s forward (no grad) and forward+backward with their ratio
 and peak memory; seqzoo's chunked op vs its per-token loops; seqzoo's tokens/s across T.
 """
@@ -44,6 +53,7 @@ import torch.nn.functional as F
 
 B, T, D, CHUNK, DEPTH, EXPANSION = 2, 1024, 256, 64, 2, 4
 IMPLS = ("seqzoo", "seqzoo-chunk-start", "titans-pytorch")  # seqzoo with read="chunk_start" too
+BASELINE_IMPLS = ("baseline", "baseline-chunk-start")  # seqzoo of the --baseline checkout
 # seqzoo's inner model: its default M(x) = x + LN(MLP(x)) (titans-pytorch's default wraps its MLP
 # the same way, in ResidualNorm) or the paper's plain MLP (``--inner plain``).
 INNER_MODELS = {"default": {}, "plain": {"residual": False, "memory_norm": "none"}}
@@ -108,10 +118,14 @@ def _child(task: str, impl: str, backward: bool, t: int, repeats: int, threads: 
 
 
 def child(task: str, impl: str, backward: bool, t: int, args: argparse.Namespace) -> dict | None:
+    """One fresh process timing (or measuring the memory of) ``impl``; a ``baseline-*`` impl is
+    seqzoo imported from the ``--baseline`` checkout."""
+    inner, root = args.inner, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if impl.startswith("baseline"):
+        impl, inner, root = impl.replace("baseline", "seqzoo", 1), args.baseline_inner, os.path.abspath(args.baseline)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", task, impl, str(int(backward)), str(t),
-           "--repeats", str(args.repeats), "--inner", args.inner]
+           "--repeats", str(args.repeats), "--inner", inner]
     cmd += ["--threads", str(args.threads)] if args.threads else []
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     if args.malloc_tuned:
         env.update(TUNED_MALLOC)
@@ -145,7 +159,8 @@ def fmt(x: float | None, spec: str = ",.0f") -> str:
 def compare(args: argparse.Namespace) -> None:
     have_theirs = build("titans-pytorch") is not None
     impls = IMPLS if have_theirs else IMPLS[:2]
-    rows = []
+    impls += BASELINE_IMPLS if args.baseline else ()
+    rows, baseline_rows = [], []
     for backward, label in ((False, "forward"), (True, "forward+backward")):
         best: dict[str, tuple[float, int]] = {}
         for _ in range(args.rounds):  # alternate the implementations' children
@@ -154,7 +169,7 @@ def compare(args: argparse.Namespace) -> None:
                 if r and (impl not in best or r[0] < best[impl][0]):
                     best[impl] = r
         mem = {impl: (child("memory", impl, backward, T, args) or {}).get("peak_mib") for impl in impls}
-        tps = {impl: B * T / best[impl][0] if impl in best else None for impl in IMPLS}
+        tps = {impl: B * T / best[impl][0] if impl in best else None for impl in IMPLS + BASELINE_IMPLS}
         faults = {impl: best[impl][1] if impl in best else None for impl in IMPLS}
         ours, lag, theirs = tps["seqzoo"], tps["seqzoo-chunk-start"], tps["titans-pytorch"]
         m_ours, m_theirs = mem.get("seqzoo"), mem.get("titans-pytorch")
@@ -163,10 +178,21 @@ def compare(args: argparse.Namespace) -> None:
                      fmt(m_ours, ",.1f"), fmt(m_theirs, ",.1f"),
                      fmt(m_ours / m_theirs if (m_ours and m_theirs) else None, ".2f") + "x",
                      f"{fmt(faults['seqzoo'])} / {fmt(faults['titans-pytorch'])}"])
+        for read, now, then in (("token", "seqzoo", "baseline"), ("chunk_start", "seqzoo-chunk-start",
+                                                                    "baseline-chunk-start")):
+            a, b = tps[now], tps[then]
+            baseline_rows.append([label, read, fmt(a), fmt(b), fmt(a / b if (a and b) else None, ".2f") + "x",
+                                  fmt(a / theirs if (a and theirs) else None, ".2f") + "x",
+                                  fmt(b / theirs if (b and theirs) else None, ".2f") + "x"])
     print("### seqzoo titans vs titans-pytorch NeuralMemory" + ("" if have_theirs else " (titans-pytorch not installed)"))
     print(table(["pass", "seqzoo tok/s", "titans-pytorch tok/s", "speed ratio", "seqzoo read=chunk_start tok/s",
                  "its speed ratio", "seqzoo peak MiB",
                  "titans-pytorch peak MiB", "memory ratio", "page faults per call (seqzoo / titans-pytorch)"], rows))
+    if args.baseline:
+        print(f"\n### this checkout (inner {args.inner}) vs the baseline {args.baseline} (inner "
+              f"{args.baseline_inner}), same run")
+        print(table(["pass", "read", "seqzoo tok/s", "baseline tok/s", "seqzoo / baseline",
+                     "seqzoo vs titans-pytorch", "baseline vs titans-pytorch"], baseline_rows))
 
 
 def loops(args: argparse.Namespace) -> None:
@@ -235,8 +261,15 @@ def main() -> None:
     parser.add_argument("--sections", default="compare,loop,sweep", help="comma list of compare, loop, sweep")
     parser.add_argument("--inner", choices=sorted(INNER_MODELS), default="default",
                         help="seqzoo's memory: default (x + LN(MLP(x))) or plain (the paper's MLP)")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="also time seqzoo from this checkout (a speed regression check, same run)")
+    parser.add_argument("--baseline-inner", choices=sorted(INNER_MODELS), default=None,
+                        help="the baseline's memory (default: --inner; 'default' = that checkout's default)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.baseline_inner = args.baseline_inner or args.inner
+    if args.baseline and not os.path.isdir(os.path.join(args.baseline, "seqzoo")):
+        parser.error(f"--baseline {args.baseline}: expected a seqzoo checkout (a folder holding seqzoo/)")
     if args.child:
         task, impl, backward, t = args.child
         print(json.dumps(_child(task, impl, bool(int(backward)), int(t), args.repeats, args.threads, args.inner)))

@@ -229,7 +229,10 @@ class TitansMAG(_MemoryBranchMixer):
 
 # -- MAL -----------------------------------------------------------------------------------
 class MALConfig(_MemoryBranchConfig):
-    pass
+    residual: bool = Field(
+        False, description="o = y + SW-Attn(RMSNorm(y)): the attention is a residual layer over the memory's "
+                           "outputs, as in the stacked hybrids (H3, Samba) the paper's MAL experiments follow "
+                           "(section 4.3); False = eq. 31 as written, o = SW-Attn(y)")
 
 
 class MALState(NamedTuple):
@@ -245,7 +248,7 @@ class TitansMAL(_MemoryBranchMixer):
 
     name = "titans_mal"
     Config = MALConfig
-    test_space = TitansMAG.test_space
+    test_space = {**TitansMAG.test_space, "residual": [False, True]}
 
     def __init__(self, config: MALConfig, *, d_model: int, layer_idx: int = 0) -> None:
         super().__init__(config, d_model=d_model, layer_idx=layer_idx)
@@ -255,15 +258,24 @@ class TitansMAL(_MemoryBranchMixer):
                                conv_size=config.attn_conv_size)
         self.persistent = (nn.Parameter(torch.randn(config.n_persistent, d_model) * 0.02)
                            if config.n_persistent else None)
+        self.norm_attn_input = RMSNorm(d_model) if config.residual else None
 
     def _persistent(self) -> Tensor | None:
         return self.persistent
+
+    def _attend(self, y: Tensor, state: AttentionState, *, step: bool = False) -> tuple[Tensor, AttentionState]:
+        """SW-Attn over the memory's outputs y (eq. 31), plus y itself when ``residual``."""
+        attn = self.attn.step if step else self.attn
+        if self.norm_attn_input is None:
+            return attn(y, state)
+        o, state = attn(self.norm_attn_input(y), state)
+        return y + o, state
 
     def _initial(self, batch_size: int, device, dtype) -> MALState:
         y_p, memory = self._run_prefix(batch_size, device, dtype)
         attn = self.attn.init_state(batch_size, device=device, dtype=self._param_dtype())
         if y_p is not None:
-            _, attn = self.attn(y_p, attn)
+            _, attn = self._attend(y_p, attn)
         return MALState(memory, attn)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> MALState:
@@ -272,12 +284,12 @@ class TitansMAL(_MemoryBranchMixer):
     def forward(self, x: Tensor, state: MALState | None = None) -> tuple[Tensor, MALState]:
         state = state if state is not None else self._initial(x.shape[0], x.device, x.dtype)
         y, memory_state = self.memory(x, state.memory)
-        o, attn_state = self.attn(y, state.attn)
+        o, attn_state = self._attend(y, state.attn)
         return o, MALState(memory_state, attn_state)
 
     def step(self, x: Tensor, state: MALState) -> tuple[Tensor, MALState]:
         y, memory_state = self.memory.step(x, state.memory)
-        o, attn_state = self.attn.step(y, state.attn)
+        o, attn_state = self._attend(y, state.attn, step=True)
         return o, MALState(memory_state, attn_state)
 
 

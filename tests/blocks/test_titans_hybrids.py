@@ -215,6 +215,20 @@ def test_mal_equals_memory_then_swa_over_prefixed_input():
     assert_close(y, o[:, 3:], F64)
 
 
+def test_mal_residual_adds_the_memory_outputs_to_the_swa_over_their_norm():
+    """``residual``: o = y + SW-Attn(RMSNorm(y)), y = M([P ‖ x]) (the stacked-hybrid form)."""
+    mal = build_mixer("titans_mal", dict(n_heads=2, window=3, n_persistent=3, memory=MEMORY, residual=True))
+    x = _x(t=11)
+    p = mal.persistent[None].expand(2, -1, -1)
+    with torch.no_grad():
+        mal.norm_attn_input.weight.uniform_(0.5, 1.5)  # a trained-looking gain, not the identity
+        y, _ = mal(x)
+        m, _ = mal.memory(torch.cat([p, x], 1))
+        a, _ = mal.attn(mal.norm_attn_input(m))
+    assert_close(y, (m + a)[:, 3:], F64)
+    assert (y - a[:, 3:]).abs().max() > 1e-3  # the memory's outputs reach the output directly
+
+
 def test_mag_equals_gate_of_two_branches_over_prefixed_input():
     mag = build_mixer("titans_mag", dict(n_heads=2, window=3, n_persistent=3, memory=MEMORY))
     x = _x(t=11)
