@@ -205,7 +205,7 @@ def test_mac_memory_carried_across_segments_and_calls():
 
 # -- MAG and MAL against [P ‖ x] run literally -------------------------------------------
 def test_mal_equals_memory_then_swa_over_prefixed_input():
-    mal = build_mixer("titans_mal", dict(n_heads=2, window=3, n_persistent=3, memory=MEMORY))
+    mal = build_mixer("titans_mal", dict(n_heads=2, window=3, n_persistent=3, memory=MEMORY, residual=False))
     x = _x(t=11)
     p = mal.persistent[None].expand(2, -1, -1)
     with torch.no_grad():
