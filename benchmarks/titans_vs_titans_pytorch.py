@@ -178,8 +178,8 @@ def compare(args: argparse.Namespace) -> None:
                      fmt(m_ours, ",.1f"), fmt(m_theirs, ",.1f"),
                      fmt(m_ours / m_theirs if (m_ours and m_theirs) else None, ".2f") + "x",
                      f"{fmt(faults['seqzoo'])} / {fmt(faults['titans-pytorch'])}"])
-        for read, now, then in (("token", "seqzoo", "baseline"), ("chunk_start", "seqzoo-chunk-start",
-                                                                    "baseline-chunk-start")):
+        for read, now, then in ((("token", "seqzoo", "baseline"), ("chunk_start", "seqzoo-chunk-start",
+                                                                     "baseline-chunk-start")) if args.baseline else ()):
             a, b = tps[now], tps[then]
             baseline_rows.append([label, read, fmt(a), fmt(b), fmt(a / b if (a and b) else None, ".2f") + "x",
                                   fmt(a / theirs if (a and theirs) else None, ".2f") + "x",
