@@ -144,7 +144,6 @@ class _Piece(NamedTuple):
     start: list[Tensor] | None = None    # the chunk-start weights it takes gradients at
     shared: bool = False                 # ``start`` is the W half of ``xs``
     key: KeyPass | None = None
-    key_graph: tuple | None = None       # with a LayerNorm: (leaves, KeyPass under autograd)
     read: Read | None = None             # read="token"
     read_start: Trace | None = None      # read="chunk_start"
 
@@ -188,13 +187,12 @@ def _piece_gates(groups: list[Gates], piece: _Piece, dtype: torch.dtype) -> Gate
 def _run(qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor, xs: list[Tensor],
          start: list[Tensor] | None, pos: int, *, chunk_size: int, opts: Options,
          ln: tuple[Tensor, Tensor] | None, record: list[_Piece] | None = None,
-         gate_groups: list[Gates] | None = None, ln_leaves: tuple[Tensor, Tensor] | None = None
-         ) -> tuple[Tensor, list[Tensor], list[Tensor] | None, int]:
+         gate_groups: list[Gates] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor] | None, int]:
     """The chunk loop. qh, kh, vh: (B, H, T, d); theta, eta, alpha: (B, H, T); ``xs`` the
     [W | S] per layer, ``start`` the chunk-start weights (None: the W halves of ``xs``).
     Returns the read-out (B, H, T, V), the final xs, start (None: shared) and position.
     With ``record`` (under autograd) each piece keeps what its backward needs; the gates
-    then come in ``gate_groups`` and, with a LayerNorm, its parameters as autograd leaves."""
+    then come in ``gate_groups``."""
     if gate_groups is None:
         cut, gate_groups = _cut(*log_gates(theta, eta, alpha), pos=pos, chunk_size=chunk_size)
     else:
@@ -206,18 +204,7 @@ def _run(qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor, alpha: 
         q, k, v = qh[:, :, lo:hi], kh[:, :, lo:hi], vh[:, :, lo:hi]
         shared = start is None
         st = [halves(x)[0] for x in xs] if shared else start
-        key_graph = None
-        if record is not None and ln is not None:
-            # The key pass's second derivative through the LayerNorm is left to autograd.
-            with torch.enable_grad():
-                leaves = [k.detach().requires_grad_(), v.detach().requires_grad_(),
-                          *(w.detach().requires_grad_() for w in st)]
-                key_graph = (leaves, key_pass(leaves[0], leaves[1], leaves[2:], opts, ln_leaves))
-            kp = key_graph[1]
-            key = KeyPass(Trace([x.detach() for x in kp.trace.inputs], [], kp.trace.out.detach()), [],
-                          [x.detach() for x in kp.deltas])
-        else:
-            key = key_pass(k, v, st, opts, ln)
+        key = key_pass(k, v, st, opts, ln)
         rd = tr = None
         if opts.read == "token":
             rd = read_token(q, key, g, xs, opts, ln)
@@ -231,8 +218,7 @@ def _run(qh: Tensor, kh: Tensor, vh: Tensor, theta: Tensor, eta: Tensor, alpha: 
         # take the state after the next piece (fresh weight-sized buffers cost page faults).
         spare = xs if record is None and piece.closes and id(xs[0]) not in inputs else None
         if record is not None:
-            record.append(piece._replace(xs=xs, start=st, shared=shared, key=key, key_graph=key_graph,
-                                         read=rd, read_start=tr))
+            record.append(piece._replace(xs=xs, start=st, shared=shared, key=key, read=rd, read_start=tr))
         xs = new
         start = None if piece.closes else st  # after a chunk boundary the start is the W half
         pos = (pos + hi - lo) % chunk_size
@@ -262,8 +248,8 @@ class _Spec(NamedTuple):
 
 class _TitansMemory(torch.autograd.Function):
     """The chunk loop with a hand-derived backward (``titans_chunk``): nothing but the gate
-    products (n x n per chunk, one autograd call at the end) goes through autograd, unless
-    a LayerNorm is used (the key pass then keeps its autograd graph from the forward).
+    products (n x n per chunk, one autograd call at the end) goes through autograd, with or
+    without the outer LayerNorm (its second derivative in the key pass is ``ln_top_backward``).
     Inputs: spec, qh, kh, vh (B, H, T, d), theta, eta, alpha (B, H, T), LayerNorm weight
     and bias (or None), [W | S] per layer, then (unless ``spec.shared``) the chunk-start
     weights per layer. Outputs: o (B, H, T, V), [W | S] per layer and, when the call ends
@@ -276,16 +262,15 @@ class _TitansMemory(torch.autograd.Function):
         xs, start = list(tensors[:L]), (None if spec.shared else list(tensors[L:]))
         with torch.enable_grad():
             gate_leaves = [x.detach().requires_grad_() for x in (theta, eta, alpha)]
-            ln_leaves = tuple(p.detach().requires_grad_() for p in (ln_w, ln_b)) if spec.has_ln else None
             _, groups = _cut(*log_gates(*gate_leaves), pos=spec.pos, chunk_size=spec.chunk_size)
-        ln = tuple(p.detach() for p in ln_leaves) if ln_leaves is not None else None
+        ln = (ln_w.detach(), ln_b.detach()) if spec.has_ln else None
         pieces: list[_Piece] = []
         o, xs, start, pos = _run(qh, kh, vh, theta, eta, alpha, xs, start, spec.pos, chunk_size=spec.chunk_size,
-                                 opts=spec.opts, ln=ln, record=pieces, gate_groups=groups, ln_leaves=ln_leaves)
+                                 opts=spec.opts, ln=ln, record=pieces, gate_groups=groups)
         ctx.spec, ctx.pieces, ctx.groups = spec, pieces, groups
-        ctx.gate_leaves, ctx.ln_leaves, ctx.ends_shared = gate_leaves, ln_leaves, start is None
+        ctx.gate_leaves, ctx.ln, ctx.ends_shared = gate_leaves, ln, start is None
         ctx.shapes = (qh.shape, kh.shape[-1], vh.shape[-1])
-        ctx.save_for_backward(qh)
+        ctx.save_for_backward(qh, kh, vh)
         ctx.set_materialize_grads(False)
         inputs = set(map(id, tensors))
         starts = () if start is None else tuple(w.view_as(w) if id(w) in inputs else w.clone() for w in start)
@@ -302,8 +287,8 @@ class _TitansMemory(torch.autograd.Function):
         (B, H, T, K), Kk, V = ctx.shapes
         gx = list(grad_state[:L])
         g_start = list(grad_state[L:]) if not ctx.ends_shared else [None] * L
-        ln = tuple(p.detach() for p in ctx.ln_leaves) if spec.has_ln else None
-        (qh,) = ctx.saved_tensors
+        ln = ctx.ln
+        qh, kh, vh = ctx.saved_tensors
         dq, dk, dv = (qh.new_zeros(B, H, T, d) for d in (K, Kk, V))
         d_ln: list[Tensor | None] = [None, None]
         d_groups = [Gates(*(torch.zeros_like(x) for x in g)) for g in ctx.groups]
@@ -338,25 +323,13 @@ class _TitansMemory(torch.autograd.Function):
                 for a, s in zip(acc_start, g_start):
                     if s is not None:
                         a.add_(s)
-            if piece.key_graph is not None:
-                leaves, kp = piece.key_graph
-                outs, grads = [], []
-                for x, gx_ in [*zip(kp.trace.inputs, res.inputs), *zip(kp.deltas, res.deltas)]:
-                    if gx_ is not None and x.requires_grad:
-                        outs.append(x)
-                        grads.append(gx_)
-                wrt = [*leaves, *ctx.ln_leaves]
-                got = torch.autograd.grad(outs, wrt, grads, allow_unused=True) if outs else [None] * len(wrt)
-                k_grad, v_grad = got[0], got[1]
-                for a, w_grad in zip(acc_start, got[2:2 + L]):
-                    if w_grad is not None:
-                        a.add_(w_grad)
-                d_ln = [acc(x, y) for x, y in zip(d_ln, got[2 + L:])]
-            else:
-                d_inputs, d_deltas = res.inputs, res.deltas
-                if piece.key.scale is not None:  # back through the soft clip to the raw deltas
-                    d_inputs, d_deltas = clip_backward(piece.key, d_inputs, d_deltas, opts.max_grad_norm)
-                k_grad, v_grad = key_pass_backward(piece.key, piece.start, d_inputs, d_deltas, acc_start, opts)
+            d_inputs, d_deltas = res.inputs, res.deltas
+            if piece.key.scale is not None:  # back through the soft clip to the raw deltas
+                d_inputs, d_deltas = clip_backward(piece.key, d_inputs, d_deltas, opts.max_grad_norm)
+            k_grad, v_grad, key_ln_grad = key_pass_backward(
+                piece.key, piece.start, d_inputs, d_deltas, acc_start, opts,
+                k=kh[:, :, sl] if ln is not None else None, v=vh[:, :, sl] if ln is not None else None, ln=ln)
+            d_ln = [acc(x, y) for x, y in zip(d_ln, key_ln_grad)]
             q_grad, ln_grad = res.q, res.ln
             if piece.read_start is not None and gy is not None:
                 q_grad, ln_grad = read_start_backward(gy, piece.read_start, piece.start, acc_start, opts, ln)
@@ -379,7 +352,7 @@ class _TitansMemory(torch.autograd.Function):
         grads = [x for g in d_groups for x in g]
         d_gates = torch.autograd.grad(outs, ctx.gate_leaves, grads, allow_unused=True)
         if spec.has_ln:
-            d_ln = [x.to(p.dtype) if x is not None else None for x, p in zip(d_ln, ctx.ln_leaves)]
+            d_ln = [x.to(p.dtype) if x is not None else None for x, p in zip(d_ln, ln)]
         starts = () if spec.shared else tuple(g_start)
         return (None, dq, dk, dv, *d_gates, *d_ln, *gx, *starts)
 

@@ -36,8 +36,12 @@ of the state after the chunk and dz the gradient of a read-out pre-activation:
             dC += dG ⊙ (h Hk^T),  dHk += (dG ⊙ C)^T h,  dDelta += -(C ⊙ h Hk^T)^T dz;
     key pass (delta_l = (delta_{l+1} W_{l+1}^T) ⊙ f'(z_l), delta_L = 2 (M(k) - v)): its
             VJP needs f'' of the activation (``titans_math.ACTIVATIONS``). With the optional
-            outer LayerNorm the key pass is differentiated by autograd instead (its second
-            derivative is not written out here).
+            outer LayerNorm, delta_L = r P(g ⊙ w) with g = 2 (M(k) - v), x̂ = (z - mu) r the
+            normalised z = z_L, r = 1/sigma and P(a) = a - mean(a) - x̂ mean(a ⊙ x̂) (self-adjoint);
+            for the incoming e = d delta_L (``ln_top_backward``):
+            d(g ⊙ w) = r P(e),  dr = <e, delta_L> / r,  dx̂ = -r (mean(a ⊙ x̂) e + a mean(e ⊙ x̂))
+            + 2 d g ⊙ w (the output LN(z) = x̂ ⊙ w + b inside g), and dz = r (dx̂ - mean(dx̂)
+            - x̂ mean(dx̂ ⊙ x̂)) - dr r^2 x̂ / V (V the output width; dr/dz = -r^2 x̂ / V).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from seqzoo.ops.titans_math import (
@@ -401,11 +406,33 @@ def mlp_backward(grad_h: list[Tensor | None], grad_z: list[Tensor | None], tr: T
     return d_in
 
 
+def ln_top_backward(e: Tensor, z: Tensor, out: Tensor, v: Tensor, ln: tuple[Tensor, Tensor], eps: float
+                    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """VJP of the key pass's top delta through the outer LayerNorm (module docstring):
+    delta_L = LN'(z)^T (2 (out - v) ⊙ w) with out = LN(z) (+ k). From e = d delta_L (B, H, n, V),
+    returns (dz, d out, (d w, d b)); dv = -d out and, with a residual memory, dk += d out."""
+    _, x_hat, rstd = layer_norm(z, ln, eps)
+    w = rearrange(ln[0], "h v -> h 1 v").to(z.dtype)  # (H, 1, V)
+    a = 2 * (out - v) * w  # g ⊙ w
+    e_mean, ex_mean = e.mean(-1, keepdim=True), (e * x_hat).mean(-1, keepdim=True)
+    d_a = rstd * (e - e_mean - x_hat * ex_mean)  # r P(e)
+    delta = rstd * (a - a.mean(-1, keepdim=True) - x_hat * (a * x_hat).mean(-1, keepdim=True))
+    d_r = (e * delta).sum(-1, keepdim=True) / rstd
+    d_out = 2 * d_a * w
+    d_xhat = -rstd * ((a * x_hat).mean(-1, keepdim=True) * e + a * ex_mean) + d_out * w
+    d_z = rstd * (d_xhat - d_xhat.mean(-1, keepdim=True) - x_hat * (d_xhat * x_hat).mean(-1, keepdim=True))
+    d_z -= d_r * rstd.pow(2) * x_hat / z.shape[-1]
+    d_w = (d_a * 2 * (out - v) + d_out * x_hat).sum((0, 2))  # (H, V)
+    return d_z, d_out, (d_w, d_out.sum((0, 2)))
+
+
 def key_pass_backward(key: KeyPass, start: Sequence[Tensor], grad_inputs: list[Tensor | None],
-                      grad_deltas: list[Tensor | None], grad_start: list[Tensor],
-                      opts: Options) -> tuple[Tensor | None, Tensor | None]:
-    """VJP of ``key_pass`` (no LayerNorm) for the gradients of its inputs and deltas;
-    accumulates the start weights' gradients into ``grad_start`` in place, returns (dk, dv)."""
+                      grad_deltas: list[Tensor | None], grad_start: list[Tensor], opts: Options,
+                      k: Tensor | None = None, v: Tensor | None = None, ln: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor | None, Tensor | None, tuple[Tensor | None, Tensor | None]]:
+    """VJP of ``key_pass`` for the gradients of its inputs and deltas; accumulates the start
+    weights' gradients into ``grad_start`` in place, returns (dk, dv, d_ln). With a LayerNorm
+    it needs the keys k and values v of the chunk."""
     act = ACTIVATIONS[opts.activation]
     n_layers = len(start)
     g_delta = list(grad_deltas)
@@ -426,14 +453,20 @@ def key_pass_backward(key: KeyPass, start: Sequence[Tensor], grad_inputs: list[T
         addmm_(gw_next, g_mid.transpose(-1, -2), raw[layer + 1])
     # delta_L = 2 (out - v), out = z_L (+ k with a residual memory)
     dk = dv = None
+    d_ln: tuple[Tensor | None, Tensor | None] = (None, None)
     if g_delta[-1] is not None:
-        g_out = 2 * g_delta[-1]
+        if ln is None:
+            g_out, dz = 2 * g_delta[-1], None
+        else:
+            out = key.trace.out + k if opts.residual else key.trace.out
+            dz, g_out, d_ln = ln_top_backward(g_delta[-1], key.trace.pre[-1], out, v, ln, opts.ln_eps)
         dv = -g_out
-        g_z[-1] = g_out if g_z[-1] is None else g_z[-1].add_(g_out)
+        dz = g_out if dz is None else dz
+        g_z[-1] = dz if g_z[-1] is None else g_z[-1].add_(dz)
         if opts.residual:
             dk = g_out
     dk_mlp = mlp_backward(grad_inputs, g_z, key.trace, start, grad_start, opts)
-    return acc(dk, dk_mlp), dv
+    return acc(dk, dk_mlp), dv, d_ln
 
 
 def read_start_backward(grad_y: Tensor, tr: Trace, start: Sequence[Tensor], grad_start: list[Tensor],
