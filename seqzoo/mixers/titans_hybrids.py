@@ -43,11 +43,14 @@ titans-pytorch's MAC does — makes the memory's keys and queries come from one 
 reaches 0.97 by step 400. The paper's write stays one key away (``write: attention_output``).
 
 The attention's short conv (``attn_conv_size``, section 4.4's conv after every q/k/v
-projection) is on by default in MAC only, by the same MQAR measurement (held-out accuracy
-during training, seed 0, steps 300 / 400 / 600): MAG learns the same with it (0.78 / 0.96 /
-1.00) as without (0.75 / 0.95 / 0.99), so it keeps the plain attention; MAL as eq. 31 (no
+projection) is on by default in MAC and MAG, by the same MQAR measurement. MAG on three seeds
+of ``recipes/compare/mqar.yaml`` (held-out accuracy at step 1000, seeds 0 / 1 / 2): without it
+0.999 / 0.761 / 0.999 (seed 1 sits on the 0.3 plateau until step 600 and is still climbing at
+step 1000), with it 1.000 / 1.000 / 0.999 (0.997 / 0.998 / 0.997 by step 600):
+the conv gives the window's attention the previous-token step of an induction head, so the
+local path no longer waits for the memory's gate to become informative. MAL as eq. 31 (no
 ``residual``) is slower with it (0.30 / 0.30 / 0.30, still on the plateau at step 600) than
-without (0.30 / 0.32 / 0.94).
+without (0.30 / 0.32 / 0.94), and with ``residual`` needs none, so MAL keeps the plain attention.
 
 MAL's default by measurement (same MQAR, held-out accuracy at step 1000, seeds 0 / 1 / 2). Eq. 31
 as written, o = SW-Attn(y), sends the memory's read-out only through the attention, which at
@@ -59,10 +62,6 @@ memory and the attention as stacked layers, each with its residual path (section
 ``residual`` (the default), o = y + SW-Attn(RMSNorm(y)), the read-out reaches the output
 directly: 1.000 / 1.000 / 1.000, off the plateau by step 200-300 on every seed (0.99 / 0.63 /
 0.99 at step 300). ``residual: false`` keeps eq. 31 literally.
-
-Open: MAG on three seeds of ``recipes/compare/mqar.yaml`` (the same task and budget) reaches
-0.999 / 0.761 / 0.999; seed 1 sits on the 0.3 plateau until step 600 and is still climbing at
-step 1000 (MAC 1.000 / 0.999 / 1.000, MAL 1.000 on each, the LMM 1.000 on each).
 
 Settings that cannot work are ConfigErrors naming the key: heads not dividing d_model or an
 odd head dim (RoPE), an unknown / nested memory type, a memory key the memory rejects
@@ -184,7 +183,12 @@ class _MemoryBranchMixer(TokenMixer):
 
 # -- MAG -----------------------------------------------------------------------------------
 class MAGConfig(_MemoryBranchConfig):
-    pass
+    """MAG's default short conv on the attention's q, k, v was chosen by measurement (module
+    doc); ``attn_conv_size: null`` is figure 3b's plain sliding-window attention."""
+
+    attn_conv_size: int | None = Field(
+        4, ge=2, description="short causal depthwise conv on the attention's q, k, v (section 4.4 puts one after "
+                             "every q/k/v projection); on by default (module doc); None = plain attention")
 
 
 class MAGState(NamedTuple):
