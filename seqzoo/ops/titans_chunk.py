@@ -90,6 +90,7 @@ class Trace(NamedTuple):
     inputs: list[Tensor]   # per layer its input h_{l-1} (with the constant 1 column if bias)
     pre: list[Tensor]      # per layer its pre-activation z_l
     out: Tensor            # M(h_0) before the residual (after the LayerNorm, if any)
+    ln_stats: tuple[Tensor, Tensor] | None = None  # the LayerNorm's (x_hat, 1/sigma) of z_L
 
 
 def trace_mlp(h: Tensor, weights: Sequence[Tensor], opts: Options, ln: tuple[Tensor, Tensor] | None) -> Trace:
@@ -102,9 +103,11 @@ def trace_mlp(h: Tensor, weights: Sequence[Tensor], opts: Options, ln: tuple[Ten
         inputs.append(h_in)
         pre.append(z)
         h = act(z) if layer < len(weights) - 1 else z
+    stats = None
     if ln is not None:
-        h = layer_norm(h, ln, opts.ln_eps)[0]
-    return Trace(inputs, pre, h)
+        h, x_hat, rstd = layer_norm(h, ln, opts.ln_eps)
+        stats = (x_hat, rstd)
+    return Trace(inputs, pre, h, stats)
 
 
 class KeyPass(NamedTuple):
@@ -129,8 +132,7 @@ def key_pass(k: Tensor, v: Tensor, start: Sequence[Tensor], opts: Options,
     out = tr.out + k if opts.residual else tr.out
     delta = 2 * (out - v)  # d||M(k) - v||^2 / d out, summed over V (no 1/2)
     if ln is not None:
-        _, x_hat, rstd = layer_norm(tr.pre[-1], ln, opts.ln_eps)
-        delta = layer_norm_backward(delta, x_hat, rstd, ln[0])
+        delta = layer_norm_backward(delta, *tr.ln_stats, ln[0])
     deltas, mids = [delta], []
     for layer in range(len(start) - 1, 0, -1):
         w = start[layer][..., :-1, :] if opts.bias else start[layer]  # the bias row has no input
@@ -186,6 +188,7 @@ class Read(NamedTuple):
     y: Tensor            # (B, H, n, V)
     pq: list[Tensor]     # per layer [h W_0 | h S_0] (just h W_0 without momentum)
     pre: list[Tensor]    # per layer pre-activation z_l
+    ln_stats: tuple[Tensor, Tensor] | None = None  # the LayerNorm's (x_hat, 1/sigma) of z_L
 
 
 def read_token(q: Tensor, key: KeyPass, g: Gates, xs: Sequence[Tensor], opts: Options,
@@ -206,9 +209,11 @@ def read_token(q: Tensor, key: KeyPass, g: Gates, xs: Sequence[Tensor], opts: Op
         pqs.append(pq)
         pre.append(z)
         h = act(z) if layer < len(xs) - 1 else z
+    stats = None
     if ln is not None:
-        h = layer_norm(h, ln, opts.ln_eps)[0]
-    return Read(q + h if opts.residual else h, pqs, pre)
+        h, x_hat, rstd = layer_norm(h, ln, opts.ln_eps)
+        stats = (x_hat, rstd)
+    return Read(q + h if opts.residual else h, pqs, pre, stats)
 
 
 def _scaled_pair(delta: Tensor, c: Tensor, d: Tensor) -> Tensor:
@@ -337,7 +342,7 @@ def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, x
         if opts.residual:
             d_q = grad_y
         if ln is not None:
-            _, x_hat, rstd = layer_norm(read.pre[-1], ln, opts.ln_eps)
+            x_hat, rstd = read.ln_stats
             d_ln = ((grad_y * x_hat).sum((0, 2)), grad_y.sum((0, 2)))  # (H, V) each
             dz = layer_norm_backward(grad_y, x_hat, rstd, ln[0])
         for layer in reversed(range(n_layers)):
@@ -406,13 +411,13 @@ def mlp_backward(grad_h: list[Tensor | None], grad_z: list[Tensor | None], tr: T
     return d_in
 
 
-def ln_top_backward(e: Tensor, z: Tensor, out: Tensor, v: Tensor, ln: tuple[Tensor, Tensor], eps: float
+def ln_top_backward(e: Tensor, x_hat: Tensor, rstd: Tensor, out: Tensor, v: Tensor, ln: tuple[Tensor, Tensor]
                     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """VJP of the key pass's top delta through the outer LayerNorm (module docstring):
     delta_L = LN'(z)^T (2 (out - v) ⊙ w) with out = LN(z) (+ k). From e = d delta_L (B, H, n, V),
-    returns (dz, d out, (d w, d b)); dv = -d out and, with a residual memory, dk += d out."""
-    _, x_hat, rstd = layer_norm(z, ln, eps)
-    w = rearrange(ln[0], "h v -> h 1 v").to(z.dtype)  # (H, 1, V)
+    returns (dz, d out, (d w, d b)); dv = -d out and, with a residual memory, dk += d out.
+    x_hat, rstd: the LayerNorm's normalised z and 1/sigma from the forward."""
+    w = rearrange(ln[0], "h v -> h 1 v").to(x_hat.dtype)  # (H, 1, V)
     a = 2 * (out - v) * w  # g ⊙ w
     e_mean, ex_mean = e.mean(-1, keepdim=True), (e * x_hat).mean(-1, keepdim=True)
     d_a = rstd * (e - e_mean - x_hat * ex_mean)  # r P(e)
@@ -421,7 +426,7 @@ def ln_top_backward(e: Tensor, z: Tensor, out: Tensor, v: Tensor, ln: tuple[Tens
     d_out = 2 * d_a * w
     d_xhat = -rstd * ((a * x_hat).mean(-1, keepdim=True) * e + a * ex_mean) + d_out * w
     d_z = rstd * (d_xhat - d_xhat.mean(-1, keepdim=True) - x_hat * (d_xhat * x_hat).mean(-1, keepdim=True))
-    d_z -= d_r * rstd.pow(2) * x_hat / z.shape[-1]
+    d_z -= d_r * rstd.pow(2) * x_hat / x_hat.shape[-1]
     d_w = (d_a * 2 * (out - v) + d_out * x_hat).sum((0, 2))  # (H, V)
     return d_z, d_out, (d_w, d_out.sum((0, 2)))
 
@@ -459,7 +464,7 @@ def key_pass_backward(key: KeyPass, start: Sequence[Tensor], grad_inputs: list[T
             g_out, dz = 2 * g_delta[-1], None
         else:
             out = key.trace.out + k if opts.residual else key.trace.out
-            dz, g_out, d_ln = ln_top_backward(g_delta[-1], key.trace.pre[-1], out, v, ln, opts.ln_eps)
+            dz, g_out, d_ln = ln_top_backward(g_delta[-1], *key.trace.ln_stats, out, v, ln)
         dv = -g_out
         dz = g_out if dz is None else dz
         g_z[-1] = dz if g_z[-1] is None else g_z[-1].add_(dz)
@@ -478,7 +483,7 @@ def read_start_backward(grad_y: Tensor, tr: Trace, start: Sequence[Tensor], grad
     g_z: list[Tensor | None] = [None] * n_layers
     dz, d_ln = grad_y, (None, None)
     if ln is not None:
-        _, x_hat, rstd = layer_norm(tr.pre[-1], ln, opts.ln_eps)
+        x_hat, rstd = tr.ln_stats
         d_ln = ((grad_y * x_hat).sum((0, 2)), grad_y.sum((0, 2)))  # (H, V) each
         dz = layer_norm_backward(grad_y, x_hat, rstd, ln[0])
     g_z[-1] = dz

@@ -86,13 +86,11 @@ def with_one(h: Tensor) -> Tensor:
 
 # -- LayerNorm over the last dim with per-head (H, V) affine parameters ----------------------
 def layer_norm(z: Tensor, ln: tuple[Tensor, Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """z: (B, H, n, V) -> (y, x_hat, 1/sigma)."""
-    mu = z.mean(-1, keepdim=True)
-    var = (z - mu).pow(2).mean(-1, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    x_hat = (z - mu) * rstd
+    """z: (B, H, n, V) -> (y, x_hat, 1/sigma), 1/sigma: (B, H, n, 1). Normalised by torch's
+    fused kernel without affine parameters (they differ per head), then scaled and shifted."""
+    x_hat, _, rstd = torch.native_layer_norm(z, z.shape[-1:], None, None, eps)
     weight, bias = (rearrange(p, "h v -> h 1 v").to(z.dtype) for p in ln)  # (H, 1, V)
-    return x_hat * weight + bias, x_hat, rstd
+    return torch.addcmul(bias, x_hat, weight), x_hat, rstd
 
 
 def layer_norm_backward(g: Tensor, x_hat: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
