@@ -46,11 +46,16 @@ The attention's short conv (``attn_conv_size``, section 4.4's conv after every q
 projection) is on by default in MAC and MAG, by the same MQAR measurement. MAG on three seeds
 of ``recipes/compare/mqar.yaml`` (held-out accuracy at step 1000, seeds 0 / 1 / 2): without it
 0.999 / 0.761 / 0.999 (seed 1 sits on the 0.3 plateau until step 600 and is still climbing at
-step 1000), with it 1.000 / 1.000 / 0.999 (0.997 / 0.998 / 0.997 by step 600):
-the conv gives the window's attention the previous-token step of an induction head, so the
-local path no longer waits for the memory's gate to become informative. MAL as eq. 31 (no
-``residual``) is slower with it (0.30 / 0.30 / 0.30, still on the plateau at step 600) than
-without (0.30 / 0.32 / 0.94), and with ``residual`` needs none, so MAL keeps the plain attention.
+step 1000), with it 1.000 / 1.000 / 0.999 (0.997 / 0.998 / 0.997 by step 600). It is not free
+elsewhere: on the other ``recipes/compare/`` sweeps (3 seeds, 250-300 steps, last held-out
+accuracy, with / without the conv) s5 0.070 / 0.070 and parity 0.754 / 0.753 are unchanged;
+bytes 0.462 / 0.471, selective copy 0.466 ± 0.039 / 0.539 ± 0.133 and induction 0.61 ± 0.23 /
+0.69 ± 0.42 are lower; on needle-in-a-haystack seed 0 learns later (0.25 at step 300 against
+1.00; 0.98 by step 500 of a 600-step run), the other seeds reach 1.00 with both. The default
+follows section 4.4 and the recall measurement; ``attn_conv_size: null`` is the plain figure 3b.
+MAL as eq. 31 (no ``residual``) is slower with the conv (0.30 / 0.30 / 0.30, still on the
+plateau at step 600) than without (0.30 / 0.32 / 0.94), and with ``residual`` needs none, so
+MAL keeps the plain attention.
 
 MAL's default by measurement (same MQAR, held-out accuracy at step 1000, seeds 0 / 1 / 2). Eq. 31
 as written, o = SW-Attn(y), sends the memory's read-out only through the attention, which at
