@@ -327,8 +327,7 @@ class _TitansMemory(torch.autograd.Function):
             if piece.key.scale is not None:  # back through the soft clip to the raw deltas
                 d_inputs, d_deltas = clip_backward(piece.key, d_inputs, d_deltas, opts.max_grad_norm)
             k_grad, v_grad, key_ln_grad = key_pass_backward(
-                piece.key, piece.start, d_inputs, d_deltas, acc_start, opts,
-                k=kh[:, :, sl] if ln is not None else None, v=vh[:, :, sl] if ln is not None else None, ln=ln)
+                piece.key, piece.start, d_inputs, d_deltas, acc_start, opts, k=kh[:, :, sl], v=vh[:, :, sl], ln=ln)
             d_ln = [acc(x, y) for x, y in zip(d_ln, key_ln_grad)]
             q_grad, ln_grad = res.q, res.ln
             if piece.read_start is not None and gy is not None:

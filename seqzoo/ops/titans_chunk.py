@@ -255,6 +255,14 @@ def update(key: KeyPass, g: Gates, xs: Sequence[Tensor], *, last: int, opts: Opt
 
 
 # -- backward --------------------------------------------------------------------------------
+def ln_read_backward(grad_y: Tensor, stats: tuple[Tensor, Tensor], weight: Tensor
+                     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Back through the read-out's outer LayerNorm: (dz_L, (d w, d b)) from grad_y (B, H, n, V)."""
+    x_hat, rstd = stats
+    d_ln = ((grad_y * x_hat).sum((0, 2)), grad_y.sum((0, 2)))  # (H, V) each
+    return layer_norm_backward(grad_y, x_hat, rstd, weight), d_ln
+
+
 class ReadUpdateGrads(NamedTuple):
     q: Tensor | None             # (B, H, n, K), through the token read-out
     gates: Gates                 # (B, H, n[, n]) each
@@ -342,9 +350,7 @@ def read_update_backward(q: Tensor, key: KeyPass, read: Read | None, g: Gates, x
         if opts.residual:
             d_q = grad_y
         if ln is not None:
-            x_hat, rstd = read.ln_stats
-            d_ln = ((grad_y * x_hat).sum((0, 2)), grad_y.sum((0, 2)))  # (H, V) each
-            dz = layer_norm_backward(grad_y, x_hat, rstd, ln[0])
+            dz, d_ln = ln_read_backward(grad_y, read.ln_stats, ln[0])
         for layer in reversed(range(n_layers)):
             x, gx = xs[layer], gxs[layer]
             h_in = with_one(hq[layer]) if opts.bias else hq[layer]  # (B, H, n, d_in)
@@ -411,17 +417,17 @@ def mlp_backward(grad_h: list[Tensor | None], grad_z: list[Tensor | None], tr: T
     return d_in
 
 
-def ln_top_backward(e: Tensor, x_hat: Tensor, rstd: Tensor, out: Tensor, v: Tensor, ln: tuple[Tensor, Tensor]
-                    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+def ln_top_backward(e: Tensor, delta: Tensor, x_hat: Tensor, rstd: Tensor, out: Tensor, v: Tensor,
+                    ln: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """VJP of the key pass's top delta through the outer LayerNorm (module docstring):
-    delta_L = LN'(z)^T (2 (out - v) ⊙ w) with out = LN(z) (+ k). From e = d delta_L (B, H, n, V),
-    returns (dz, d out, (d w, d b)); dv = -d out and, with a residual memory, dk += d out.
-    x_hat, rstd: the LayerNorm's normalised z and 1/sigma from the forward."""
+    delta = delta_L = LN'(z)^T (2 (out - v) ⊙ w) with out = LN(z) (+ k), as the key pass wrote it
+    (before any soft clip). From e = d delta_L (B, H, n, V), returns (dz, d out, (d w, d b));
+    dv = -d out and, with a residual memory, dk += d out. x_hat, rstd: the LayerNorm's
+    normalised z and 1/sigma from the forward."""
     w = rearrange(ln[0], "h v -> h 1 v").to(x_hat.dtype)  # (H, 1, V)
     a = 2 * (out - v) * w  # g ⊙ w
     e_mean, ex_mean = e.mean(-1, keepdim=True), (e * x_hat).mean(-1, keepdim=True)
     d_a = rstd * (e - e_mean - x_hat * ex_mean)  # r P(e)
-    delta = rstd * (a - a.mean(-1, keepdim=True) - x_hat * (a * x_hat).mean(-1, keepdim=True))
     d_r = (e * delta).sum(-1, keepdim=True) / rstd
     d_out = 2 * d_a * w
     d_xhat = -rstd * ((a * x_hat).mean(-1, keepdim=True) * e + a * ex_mean) + d_out * w
@@ -464,7 +470,8 @@ def key_pass_backward(key: KeyPass, start: Sequence[Tensor], grad_inputs: list[T
             g_out, dz = 2 * g_delta[-1], None
         else:
             out = key.trace.out + k if opts.residual else key.trace.out
-            dz, g_out, d_ln = ln_top_backward(g_delta[-1], *key.trace.ln_stats, out, v, ln)
+            raw = key.raw if key.raw is not None else key.deltas
+            dz, g_out, d_ln = ln_top_backward(g_delta[-1], raw[-1], *key.trace.ln_stats, out, v, ln)
         dv = -g_out
         dz = g_out if dz is None else dz
         g_z[-1] = dz if g_z[-1] is None else g_z[-1].add_(dz)
@@ -483,9 +490,7 @@ def read_start_backward(grad_y: Tensor, tr: Trace, start: Sequence[Tensor], grad
     g_z: list[Tensor | None] = [None] * n_layers
     dz, d_ln = grad_y, (None, None)
     if ln is not None:
-        x_hat, rstd = tr.ln_stats
-        d_ln = ((grad_y * x_hat).sum((0, 2)), grad_y.sum((0, 2)))  # (H, V) each
-        dz = layer_norm_backward(grad_y, x_hat, rstd, ln[0])
+        dz, d_ln = ln_read_backward(grad_y, tr.ln_stats, ln[0])
     g_z[-1] = dz
     dq = mlp_backward([None] * n_layers, g_z, tr, start, grad_start, opts)
     return (acc(dq, grad_y) if opts.residual else dq), d_ln
